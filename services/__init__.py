@@ -1,0 +1,1 @@
+"""RAG platform services: gateway, retriever, embedder, generator."""

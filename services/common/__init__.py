@@ -1,0 +1,1 @@
+"""Code shared by every service: settings base, errors, health, logging, HTTP clients."""

@@ -1,0 +1,98 @@
+"""Health, readiness and Prometheus metrics routes, request ids and JSON logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+
+ReadinessCheck = Callable[[], Awaitable[str | None]]
+"""Returns None when ready, or a short reason when not."""
+
+request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
+
+REQUESTS = Counter(
+    "http_requests_total", "HTTP requests", ["service", "method", "route", "status"]
+)
+LATENCY = Histogram(
+    "http_request_duration_seconds", "HTTP request latency (to response start)",
+    ["service", "route"],
+)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "request_id": request_id_var.get(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str, as_json: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if as_json:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def install_observability(
+    app: FastAPI, service: str, readiness: dict[str, ReadinessCheck] | None = None
+) -> None:
+    """Add /healthz, /readyz, /metrics and the request-id middleware to an app."""
+    checks = readiness or {}
+
+    @app.middleware("http")
+    async def _request_id(request: Request, call_next: Callable) -> Response:
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        token = request_id_var.set(rid)
+        start = time.perf_counter()
+        try:
+            response: Response = await call_next(request)
+        finally:
+            request_id_var.reset(token)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        REQUESTS.labels(service, request.method, path, str(response.status_code)).inc()
+        LATENCY.labels(service, path).observe(time.perf_counter() - start)
+        response.headers["x-request-id"] = rid
+        return response
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        not_ready: dict[str, str] = {}
+        for name, check in checks.items():
+            try:
+                reason = await check()
+            except Exception as exc:  # a failing check means not ready, never a 500
+                reason = type(exc).__name__
+            if reason:
+                not_ready[name] = reason
+        if not_ready:
+            return JSONResponse({"status": "not_ready", "not_ready": not_ready}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

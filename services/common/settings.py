@@ -1,0 +1,39 @@
+"""Settings base shared by every service."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_SERVICE_TOKEN = "dev-service-token-change-me"
+
+
+class ServiceSettings(BaseSettings):
+    """Fields every service has. Subclasses set their own env prefix."""
+
+    model_config = SettingsConfigDict(extra="ignore", env_file=None)
+
+    profile: Literal["dev", "prod"] = "dev"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+    log_json: bool = True
+
+
+class InternalAuthSettings(ServiceSettings):
+    """Services that talk to each other share a service token."""
+
+    service_token: str = DEV_SERVICE_TOKEN
+
+    @model_validator(mode="after")
+    def _refuse_dev_secrets_in_prod(self) -> InternalAuthSettings:
+        if self.profile != "dev" and (
+            self.service_token == DEV_SERVICE_TOKEN or len(self.service_token) < 16
+        ):
+            raise ValueError(
+                "service_token must be set to a secret of at least 16 characters "
+                "outside the dev profile"
+            )
+        return self

@@ -1,0 +1,1 @@
+"""Embedding server: OpenAI-compatible /v1/embeddings over sentence-transformers."""

@@ -1,0 +1,125 @@
+"""Generator app: the OpenAI routes, proxied to the engine's own server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from services.common.errors import ERROR_RESPONSES, APIError, install_error_handlers
+from services.common.http import make_client
+from services.common.observability import install_observability
+from services.generator.llamacpp import LlamaCppEngine
+from services.generator.settings import GeneratorSettings
+
+logger = logging.getLogger(__name__)
+
+
+def _upstream_error(status: int, body: bytes) -> APIError:
+    """Turn the engine's error into our envelope, keeping its message but not raw internals."""
+    message = "generation failed"
+    try:
+        detail = json.loads(body).get("error", {})
+        if isinstance(detail, dict) and isinstance(detail.get("message"), str):
+            message = detail["message"][:500]
+    except (ValueError, AttributeError):
+        pass
+    if status >= 500:
+        return APIError(502, "the inference engine failed", code="engine_error")
+    return APIError(status, message, code="engine_rejected")
+
+
+def create_app(settings: GeneratorSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = LlamaCppEngine(settings)
+        app.state.engine_ready = False
+        app.state.client = make_client(engine.base_url, timeout=settings.request_timeout_s)
+
+        async def _start() -> None:
+            await asyncio.to_thread(engine.start)
+            app.state.engine_ready = True
+
+        starting = asyncio.create_task(_start())
+        try:
+            yield
+        finally:
+            await app.state.client.aclose()
+            if not starting.done():
+                await asyncio.wait([starting])
+            engine.stop()
+
+    app = FastAPI(title="RAG generator", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+
+    async def engine_ready() -> str | None:
+        return None if app.state.engine_ready else "model loading"
+
+    install_observability(app, "generator", {"engine": engine_ready})
+
+    def client(request: Request) -> httpx.AsyncClient:
+        if not request.app.state.engine_ready:
+            raise APIError(503, "the model is still loading", code="model_loading",
+                           headers={"Retry-After": "5"})
+        return request.app.state.client
+
+    async def _forward(request: Request, path: str) -> Response:
+        http = client(request)
+        try:
+            payload: dict[str, Any] = await request.json()
+        except ValueError as exc:
+            raise APIError(400, "request body must be JSON") from exc
+        if not isinstance(payload, dict):
+            raise APIError(400, "request body must be a JSON object")
+        payload["model"] = settings.served_model_name
+        upstream = http.build_request("POST", path, json=payload)
+        try:
+            resp = await http.send(upstream, stream=True)
+        except httpx.HTTPError as exc:
+            raise APIError(503, "the inference engine is unavailable", code="engine_down") from exc
+        if resp.status_code != 200:
+            body = await resp.aread()
+            await resp.aclose()
+            raise _upstream_error(resp.status_code, body)
+        if not payload.get("stream"):
+            body = await resp.aread()
+            await resp.aclose()
+            return Response(body, media_type="application/json")
+
+        async def relay() -> AsyncIterator[bytes]:
+            # Closing the upstream response when the client goes away makes
+            # llama.cpp cancel the generation and free the slot.
+            try:
+                async for chunk in resp.aiter_raw():
+                    yield chunk
+            finally:
+                await resp.aclose()
+
+        return StreamingResponse(
+            relay(), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
+    async def chat_completions(request: Request) -> Response:
+        return await _forward(request, "/v1/chat/completions")
+
+    @app.post("/v1/completions", responses=ERROR_RESPONSES)
+    async def completions(request: Request) -> Response:
+        return await _forward(request, "/v1/completions")
+
+    @app.get("/v1/models")
+    async def list_models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [{
+            "id": settings.served_model_name, "object": "model", "owned_by": "ragplatform",
+            "context_length": settings.ctx_per_slot,
+        }]})
+
+    return app
