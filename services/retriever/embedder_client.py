@@ -1,0 +1,55 @@
+"""Calls to the embedder service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import httpx
+import numpy as np
+
+from services.common.http import make_client
+
+logger = logging.getLogger(__name__)
+
+
+class EmbedderUnavailable(RuntimeError):
+    pass
+
+
+class EmbedderClient:
+    def __init__(self, base_url: str) -> None:
+        self._http = make_client(base_url, timeout=60.0)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def info(self) -> dict:
+        resp = await self._http.get("/info")
+        resp.raise_for_status()
+        return resp.json()
+
+    async def wait_for_info(self, timeout_s: float) -> dict:
+        """Poll the embedder until it reports its model, or give up after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return await self.info()
+            except httpx.HTTPError as exc:
+                if time.monotonic() > deadline:
+                    raise EmbedderUnavailable(
+                        f"the embedder did not become ready within {timeout_s:.0f}s"
+                    ) from exc
+                await asyncio.sleep(0.5)
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        try:
+            resp = await self._http.post("/v1/embeddings", json={"input": texts})
+        except httpx.HTTPError as exc:
+            raise EmbedderUnavailable("the embedder is unreachable") from exc
+        if resp.status_code in (429, 503) or resp.status_code >= 500:
+            raise EmbedderUnavailable(f"the embedder answered {resp.status_code}")
+        resp.raise_for_status()
+        data = sorted(resp.json()["data"], key=lambda item: item["index"])
+        return np.asarray([item["embedding"] for item in data], dtype=np.float32)
