@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -31,4 +33,8 @@ def start_embedded_postgres(data_dir: str | Path) -> tuple[object, str]:
 
 
 def stop_embedded_postgres(server: object) -> None:
-    server.cleanup()  # type: ignore[attr-defined]
+    """Stop the server now (pg_ctl stop), whatever other handles pgserver remembers."""
+    server.stop()  # type: ignore[attr-defined]
+    # pgserver also stops the server at exit; it is stopped already.
+    atexit.unregister(server._cleanup)  # type: ignore[attr-defined]
+    server.global_process_id_list.get_and_remove(os.getpid())  # type: ignore[attr-defined]

@@ -1,0 +1,1 @@
+"""ragctl: run the platform locally and talk to it."""

@@ -1,0 +1,5 @@
+import sys
+
+from ragctl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,213 @@
+"""ragctl: `up` runs the platform locally; `token`, `ingest` and `ask` talk to it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ragctl.cognito import LocalPool
+
+DEFAULT_HOME = ".data"
+
+
+def _home(args: argparse.Namespace) -> Path:
+    return Path(args.home or os.environ.get("RAGCTL_HOME") or DEFAULT_HOME)
+
+
+def _state(home: Path) -> dict[str, Any]:
+    path = home / "stack.json"
+    if not path.exists():
+        raise SystemExit(f"no running stack found ({path} is missing): start one with `make up` "
+                         "(or `ragctl up`), or set RAGCTL_HOME to its folder")
+    return json.loads(path.read_text())
+
+
+def _token(state: dict[str, Any]) -> str:
+    pool = LocalPool(**state["cognito"])
+    return pool.access_token(state["username"], state["password"])
+
+
+def _fail(resp: httpx.Response) -> None:
+    try:
+        message = resp.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = resp.text[:200]
+    raise SystemExit(f"error {resp.status_code}: {message}")
+
+
+def upload(client: httpx.Client, path: Path) -> dict[str, Any]:
+    media = "text/markdown" if path.suffix.lower() in (".md", ".markdown") else "text/plain"
+    with path.open("rb") as fh:
+        resp = client.post("/v1/documents", files={"file": (path.name, fh, media)},
+                           data={"title": path.stem.replace("-", " ")})
+    if resp.status_code not in (200, 202):
+        _fail(resp)
+    return dict(resp.json())
+
+
+def wait_ready(client: httpx.Client, doc_id: str, timeout_s: float = 120.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        resp = client.get(f"/v1/documents/{doc_id}")
+        if resp.status_code != 200:
+            _fail(resp)
+        doc = dict(resp.json())
+        if doc["status"] in ("ready", "failed") or time.monotonic() > deadline:
+            return doc
+        time.sleep(0.3)
+
+
+def ingest_paths(client: httpx.Client, paths: list[Path], wait: bool = True) -> list[dict]:
+    docs = []
+    for path in paths:
+        if not path.is_file():
+            raise SystemExit(f"not a file: {path}")
+        doc = upload(client, path)
+        if wait:
+            doc = {**wait_ready(client, doc["id"]), "duplicate": doc.get("duplicate", False)}
+        note = " (already there)" if doc.get("duplicate") else ""
+        error = f": {doc['error']}" if doc.get("error") else ""
+        print(f"  {doc['status']:<10} {doc['id']}  {doc['title']}{note}{error}")
+        docs.append(doc)
+    return docs
+
+
+def _client(state: dict[str, Any]) -> httpx.Client:
+    return httpx.Client(base_url=state["gateway_url"], timeout=300.0,
+                        headers={"Authorization": f"Bearer {_token(state)}"})
+
+
+def sample_paths() -> list[Path]:
+    folder = resources.files("ragctl") / "samples"
+    return sorted(Path(str(p)) for p in folder.iterdir() if p.name.endswith(".md"))
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from ragctl.stack import Stack, StackError
+
+    home = _home(args)
+    stack = Stack(home=home)
+    stopping = False
+
+    def _stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    print(f"starting the stack (state and logs in {home}/) ...", flush=True)
+    started = time.monotonic()
+    try:
+        stack.start()
+        state = _state(home)
+        print(f"ready in {time.monotonic() - started:.1f}s", flush=True)
+        if not args.no_samples:
+            print("ingesting the bundled sample documents:", flush=True)
+            with _client(state) as client:
+                ingest_paths(client, sample_paths())
+        gw = stack.url("gateway")
+        print(f"""
+  gateway    {gw}   (public API, OpenAPI docs at {gw}/docs)
+  retriever  {stack.url('retriever')}
+  embedder   {stack.url('embedder')}
+  generator  {stack.url('generator')}
+  cognito    {stack.url('cognito')}   (local emulator; pool {stack.pool.pool_id if stack.pool else ''})
+  logs       {stack.log_dir}/
+
+Try it (in another terminal, from this folder):
+  .venv/bin/ragctl ask "When is the diesel generator tested at Zephyr Station?"
+  TOKEN=$(.venv/bin/ragctl token)
+  curl -s {gw}/v1/documents -H "Authorization: Bearer $TOKEN"
+
+Press Ctrl-C to stop everything.""", flush=True)
+        while True:
+            dead = stack.dead_services()
+            if dead:
+                print(f"\n{dead[0]} stopped unexpectedly; its log:\n{stack.log_tail(dead[0])}",
+                      file=sys.stderr)
+                return 1
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        print("\nstopping ...", flush=True)
+        return 0
+    except StackError as exc:
+        print(f"the stack failed to start: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stack.stop()
+        print("stopped.", flush=True)
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    print(_token(_state(_home(args))))
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    with _client(_state(_home(args))) as client:
+        docs = ingest_paths(client, [Path(p) for p in args.paths], wait=not args.no_wait)
+    return 0 if all(d["status"] != "failed" for d in docs) else 1
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    body = {"messages": [{"role": "user", "content": args.question}], "stream": True,
+            "max_tokens": args.max_tokens, "temperature": 0, "retrieval": {"k": args.k}}
+    citations: list[dict[str, Any]] = []
+    with _client(_state(_home(args))) as client, \
+            client.stream("POST", "/v1/chat/completions", json=body) as resp:
+        if resp.status_code != 200:
+            resp.read()
+            _fail(resp)
+        for line in resp.iter_lines():
+            if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                continue
+            event = json.loads(line[5:])
+            for choice in event.get("choices", []):
+                print(choice.get("delta", {}).get("content") or "", end="", flush=True)
+            citations = event.get("citations", citations)
+    print("\n\nSources:")
+    for cite in citations:
+        where = cite.get("position", {}).get("heading")
+        print(f"  [{cite['index']}] {cite['title']}" + (f" > {where}" if where else "")
+              + f"  (score {cite['score']:.3f})")
+    if not citations:
+        print("  (none: no document matched)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ragctl", description=__doc__)
+    parser.add_argument("--home", help=f"state folder of the local stack (default: "
+                        f"$RAGCTL_HOME or {DEFAULT_HOME})")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start the emulator, database and all services; Ctrl-C stops")
+    up.add_argument("--no-samples", action="store_true", help="do not ingest the sample documents")
+    up.set_defaults(func=cmd_up)
+    sub.add_parser("token", help="print an access token for the local dev user").set_defaults(
+        func=cmd_token)
+    ingest = sub.add_parser("ingest", help="upload documents (.md, .txt) and wait until ready")
+    ingest.add_argument("paths", nargs="+")
+    ingest.add_argument("--no-wait", action="store_true")
+    ingest.set_defaults(func=cmd_ingest)
+    ask = sub.add_parser("ask", help="ask a question; streams the answer, then the sources")
+    ask.add_argument("question")
+    ask.add_argument("--k", type=int, default=4, help="passages to retrieve")
+    ask.add_argument("--max-tokens", type=int, default=200)
+    ask.set_defaults(func=cmd_ask)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The local Cognito emulator (moto server): a user pool, an app client and users."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import asdict, dataclass
+from typing import Any
+
+REGION = "us-east-1"
+
+
+def _client(endpoint: str) -> Any:
+    import boto3
+
+    return boto3.client(
+        "cognito-idp", endpoint_url=endpoint, region_name=REGION,
+        aws_access_key_id="local", aws_secret_access_key="local",  # the emulator checks none
+    )
+
+
+@dataclass
+class LocalPool:
+    endpoint: str
+    pool_id: str
+    client_id: str
+
+    @property
+    def issuer(self) -> str:
+        return f"https://cognito-idp.{REGION}.amazonaws.com/{self.pool_id}"
+
+    @property
+    def jwks_url(self) -> str:
+        return f"{self.endpoint}/{self.pool_id}/.well-known/jwks.json"
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+    @classmethod
+    def create(cls, endpoint: str) -> LocalPool:
+        cognito = _client(endpoint)
+        pool_id = cognito.create_user_pool(PoolName="ragplatform-local")["UserPool"]["Id"]
+        client_id = cognito.create_user_pool_client(
+            UserPoolId=pool_id, ClientName="ragplatform-local",
+            ExplicitAuthFlows=["ALLOW_ADMIN_USER_PASSWORD_AUTH", "ALLOW_REFRESH_TOKEN_AUTH"],
+        )["UserPoolClient"]["ClientId"]
+        return cls(endpoint=endpoint, pool_id=pool_id, client_id=client_id)
+
+    def create_user(self, username: str, password: str | None = None) -> str:
+        """Create a confirmed user; return its password."""
+        password = password or f"Pw-{secrets.token_urlsafe(12)}1!"
+        cognito = _client(self.endpoint)
+        cognito.admin_create_user(
+            UserPoolId=self.pool_id, Username=username, MessageAction="SUPPRESS",
+            TemporaryPassword=f"Tmp-{secrets.token_urlsafe(12)}1!",
+        )
+        cognito.admin_set_user_password(
+            UserPoolId=self.pool_id, Username=username, Password=password, Permanent=True)
+        return password
+
+    def tokens(self, username: str, password: str) -> dict[str, str]:
+        """Sign in; return AccessToken, IdToken and RefreshToken."""
+        result = _client(self.endpoint).admin_initiate_auth(
+            UserPoolId=self.pool_id, ClientId=self.client_id,
+            AuthFlow="ADMIN_USER_PASSWORD_AUTH",
+            AuthParameters={"USERNAME": username, "PASSWORD": password},
+        )
+        return dict(result["AuthenticationResult"])
+
+    def access_token(self, username: str, password: str) -> str:
+        return self.tokens(username, password)["AccessToken"]

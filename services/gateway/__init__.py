@@ -1,0 +1,1 @@
+"""The public API: Cognito JWTs, documents, search and RAG chat."""

@@ -1,0 +1,140 @@
+"""RAG chat completions: retrieve, prompt, generate (streamed), cite."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import httpx
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.common.errors import APIError
+from services.gateway import rag
+from services.gateway.auth import Principal
+from services.gateway.settings import GatewaySettings
+from services.gateway.upstream import RetrieverClient, passthrough_error, unavailable
+
+logger = logging.getLogger(__name__)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | None = None
+
+
+class RetrievalOptions(BaseModel):
+    enabled: bool = True
+    k: int | None = Field(None, ge=1, le=20)
+    mode: Literal["hybrid", "vector", "text"] = "hybrid"
+    document_ids: list[uuid.UUID] = Field(default_factory=list)
+    filters: dict[str, Any] = Field(default_factory=dict)
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    retrieval: RetrievalOptions = Field(default_factory=RetrievalOptions)
+
+
+def _generator_payload(body: ChatRequest, messages: list[dict[str, Any]], max_tokens: int,
+                       ) -> dict[str, Any]:
+    payload: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens,
+                               "stream": body.stream}
+    for name in ("temperature", "top_p", "stop", "seed"):
+        value = getattr(body, name)
+        if value is not None:
+            payload[name] = value
+    return payload
+
+
+async def chat_completion(
+    request: Request, body: ChatRequest, user: Principal, settings: GatewaySettings
+) -> Response:
+    max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
+    if max_tokens > settings.max_tokens_cap:
+        raise APIError(400, f"max_tokens must be at most {settings.max_tokens_cap}",
+                       param="max_tokens")
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    question = rag.last_user_question(messages)
+    passages: list[dict[str, Any]] = []
+    if body.retrieval.enabled and question:
+        retriever: RetrieverClient = request.app.state.retriever
+        hits = await retriever.search(user.sub, {
+            "query": question, "k": body.retrieval.k or settings.rag_k,
+            "mode": body.retrieval.mode,
+            "document_ids": [str(d) for d in body.retrieval.document_ids],
+            "filters": {"metadata": body.retrieval.filters.get("metadata", {})},
+        })
+        passages = rag.fit_passages(hits, messages, settings.generator_context_tokens, max_tokens)
+    prompt = rag.build_messages(passages, messages) if body.retrieval.enabled else messages
+    payload = _generator_payload(body, prompt, max_tokens)
+    cites = rag.citations(passages)
+
+    generator: httpx.AsyncClient = request.app.state.generator
+    try:
+        resp = await generator.send(
+            generator.build_request("POST", "/v1/chat/completions", json=payload), stream=True)
+    except httpx.HTTPError as exc:
+        raise unavailable("generator") from exc
+    if resp.status_code != 200:
+        await resp.aread()
+        await resp.aclose()
+        raise passthrough_error(resp, "generator")
+    if not body.stream:
+        try:
+            completion = json.loads(await resp.aread())
+        finally:
+            await resp.aclose()
+        completion.pop("timings", None)
+        completion["citations"] = cites
+        return JSONResponse(completion)
+    return StreamingResponse(
+        _stream_with_citations(resp, cites), media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _stream_with_citations(
+    resp: httpx.Response, cites: list[dict[str, Any]]
+) -> AsyncIterator[bytes]:
+    """Relay the generator's SSE events; the last event before [DONE] carries the citations."""
+    completion_id, model, created = f"chatcmpl-{uuid.uuid4().hex}", "", int(time.time())
+    try:
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            try:
+                event = json.loads(data)
+            except ValueError:
+                continue
+            completion_id = event.get("id", completion_id)
+            model = event.get("model", model)
+            event.pop("timings", None)
+            yield f"data: {json.dumps(event)}\n\n".encode()
+        final = {
+            "id": completion_id, "object": "chat.completion.chunk", "created": created,
+            "model": model, "choices": [], "citations": cites,
+        }
+        yield f"data: {json.dumps(final)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+    finally:
+        # Runs when the client disconnects too: closing the upstream stream cancels generation.
+        await resp.aclose()
