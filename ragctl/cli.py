@@ -26,8 +26,10 @@ def _home(args: argparse.Namespace) -> Path:
 def _state(home: Path) -> dict[str, Any]:
     path = home / "stack.json"
     if not path.exists():
-        raise SystemExit(f"no running stack found ({path} is missing): start one with `make up` "
-                         "(or `ragctl up`), or set RAGCTL_HOME to its folder")
+        raise SystemExit(
+            f"no running stack found ({path} is missing): start one with `make up` "
+            "(or `ragctl up`), or set RAGCTL_HOME to its folder"
+        )
     return json.loads(path.read_text())
 
 
@@ -47,8 +49,11 @@ def _fail(resp: httpx.Response) -> None:
 def upload(client: httpx.Client, path: Path) -> dict[str, Any]:
     media = "text/markdown" if path.suffix.lower() in (".md", ".markdown") else "text/plain"
     with path.open("rb") as fh:
-        resp = client.post("/v1/documents", files={"file": (path.name, fh, media)},
-                           data={"title": path.stem.replace("-", " ")})
+        resp = client.post(
+            "/v1/documents",
+            files={"file": (path.name, fh, media)},
+            data={"title": path.stem.replace("-", " ")},
+        )
     if resp.status_code not in (200, 202):
         _fail(resp)
     return dict(resp.json())
@@ -82,8 +87,11 @@ def ingest_paths(client: httpx.Client, paths: list[Path], wait: bool = True) -> 
 
 
 def _client(state: dict[str, Any]) -> httpx.Client:
-    return httpx.Client(base_url=state["gateway_url"], timeout=300.0,
-                        headers={"Authorization": f"Bearer {_token(state)}"})
+    return httpx.Client(
+        base_url=state["gateway_url"],
+        timeout=300.0,
+        headers={"Authorization": f"Bearer {_token(state)}"},
+    )
 
 
 def sample_paths() -> list[Path]:
@@ -92,10 +100,10 @@ def sample_paths() -> list[Path]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from ragctl.stack import Stack, StackError
+    from ragctl.stack import Ports, Stack, StackError
 
     home = _home(args)
-    stack = Stack(home=home)
+    stack = Stack(home=home, ports=Ports.free() if args.free_ports else Ports())
     stopping = False
 
     def _stop(signum: int, _frame: object) -> None:
@@ -116,12 +124,13 @@ def cmd_up(args: argparse.Namespace) -> int:
             with _client(state) as client:
                 ingest_paths(client, sample_paths())
         gw = stack.url("gateway")
-        print(f"""
+        print(
+            f"""
   gateway    {gw}   (public API, OpenAPI docs at {gw}/docs)
-  retriever  {stack.url('retriever')}
-  embedder   {stack.url('embedder')}
-  generator  {stack.url('generator')}
-  cognito    {stack.url('cognito')}   (local emulator; pool {stack.pool.pool_id if stack.pool else ''})
+  retriever  {stack.url("retriever")}
+  embedder   {stack.url("embedder")}
+  generator  {stack.url("generator")}
+  cognito    {stack.url("cognito")}   (local Cognito emulator)
   logs       {stack.log_dir}/
 
 Try it (in another terminal, from this folder):
@@ -129,12 +138,16 @@ Try it (in another terminal, from this folder):
   TOKEN=$(.venv/bin/ragctl token)
   curl -s {gw}/v1/documents -H "Authorization: Bearer $TOKEN"
 
-Press Ctrl-C to stop everything.""", flush=True)
+Press Ctrl-C to stop everything.""",
+            flush=True,
+        )
         while True:
             dead = stack.dead_services()
             if dead:
-                print(f"\n{dead[0]} stopped unexpectedly; its log:\n{stack.log_tail(dead[0])}",
-                      file=sys.stderr)
+                print(
+                    f"\n{dead[0]} stopped unexpectedly; its log:\n{stack.log_tail(dead[0])}",
+                    file=sys.stderr,
+                )
                 return 1
             time.sleep(1.0)
     except KeyboardInterrupt:
@@ -161,11 +174,18 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    body = {"messages": [{"role": "user", "content": args.question}], "stream": True,
-            "max_tokens": args.max_tokens, "temperature": 0, "retrieval": {"k": args.k}}
+    body = {
+        "messages": [{"role": "user", "content": args.question}],
+        "stream": True,
+        "max_tokens": args.max_tokens,
+        "temperature": 0,
+        "retrieval": {"k": args.k},
+    }
     citations: list[dict[str, Any]] = []
-    with _client(_state(_home(args))) as client, \
-            client.stream("POST", "/v1/chat/completions", json=body) as resp:
+    with (
+        _client(_state(_home(args))) as client,
+        client.stream("POST", "/v1/chat/completions", json=body) as resp,
+    ):
         if resp.status_code != 200:
             resp.read()
             _fail(resp)
@@ -179,8 +199,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
     print("\n\nSources:")
     for cite in citations:
         where = cite.get("position", {}).get("heading")
-        print(f"  [{cite['index']}] {cite['title']}" + (f" > {where}" if where else "")
-              + f"  (score {cite['score']:.3f})")
+        print(
+            f"  [{cite['index']}] {cite['title']}"
+            + (f" > {where}" if where else "")
+            + f"  (score {cite['score']:.3f})"
+        )
     if not citations:
         print("  (none: no document matched)")
     return 0
@@ -188,14 +211,19 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ragctl", description=__doc__)
-    parser.add_argument("--home", help=f"state folder of the local stack (default: "
-                        f"$RAGCTL_HOME or {DEFAULT_HOME})")
+    parser.add_argument(
+        "--home", help=f"state folder of the local stack (default: $RAGCTL_HOME or {DEFAULT_HOME})"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start the emulator, database and all services; Ctrl-C stops")
     up.add_argument("--no-samples", action="store_true", help="do not ingest the sample documents")
+    up.add_argument(
+        "--free-ports", action="store_true", help="use free ports instead of 8000-8003 and 8009"
+    )
     up.set_defaults(func=cmd_up)
     sub.add_parser("token", help="print an access token for the local dev user").set_defaults(
-        func=cmd_token)
+        func=cmd_token
+    )
     ingest = sub.add_parser("ingest", help="upload documents (.md, .txt) and wait until ready")
     ingest.add_argument("paths", nargs="+")
     ingest.add_argument("--no-wait", action="store_true")

@@ -13,8 +13,11 @@ def _client(endpoint: str) -> Any:
     import boto3
 
     return boto3.client(
-        "cognito-idp", endpoint_url=endpoint, region_name=REGION,
-        aws_access_key_id="local", aws_secret_access_key="local",  # the emulator checks none
+        "cognito-idp",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id="local",
+        aws_secret_access_key="local",  # the emulator checks none
     )
 
 
@@ -40,7 +43,8 @@ class LocalPool:
         cognito = _client(endpoint)
         pool_id = cognito.create_user_pool(PoolName="ragplatform-local")["UserPool"]["Id"]
         client_id = cognito.create_user_pool_client(
-            UserPoolId=pool_id, ClientName="ragplatform-local",
+            UserPoolId=pool_id,
+            ClientName="ragplatform-local",
             ExplicitAuthFlows=["ALLOW_ADMIN_USER_PASSWORD_AUTH", "ALLOW_REFRESH_TOKEN_AUTH"],
         )["UserPoolClient"]["ClientId"]
         return cls(endpoint=endpoint, pool_id=pool_id, client_id=client_id)
@@ -50,17 +54,21 @@ class LocalPool:
         password = password or f"Pw-{secrets.token_urlsafe(12)}1!"
         cognito = _client(self.endpoint)
         cognito.admin_create_user(
-            UserPoolId=self.pool_id, Username=username, MessageAction="SUPPRESS",
+            UserPoolId=self.pool_id,
+            Username=username,
+            MessageAction="SUPPRESS",
             TemporaryPassword=f"Tmp-{secrets.token_urlsafe(12)}1!",
         )
         cognito.admin_set_user_password(
-            UserPoolId=self.pool_id, Username=username, Password=password, Permanent=True)
+            UserPoolId=self.pool_id, Username=username, Password=password, Permanent=True
+        )
         return password
 
     def tokens(self, username: str, password: str) -> dict[str, str]:
         """Sign in; return AccessToken, IdToken and RefreshToken."""
         result = _client(self.endpoint).admin_initiate_auth(
-            UserPoolId=self.pool_id, ClientId=self.client_id,
+            UserPoolId=self.pool_id,
+            ClientId=self.client_id,
             AuthFlow="ADMIN_USER_PASSWORD_AUTH",
             AuthParameters={"USERNAME": username, "PASSWORD": password},
         )

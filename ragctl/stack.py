@@ -84,8 +84,11 @@ class Stack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         self.procs[name] = subprocess.Popen(
-            [sys.executable, *args], env={**os.environ, **env, **self.extra_env},
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [sys.executable, *args],
+            env={**os.environ, **env, **self.extra_env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
         )
         log.close()
@@ -107,39 +110,65 @@ class Stack:
     def _start(self) -> None:
         from services.retriever.embedded_pg import start_embedded_postgres
 
-        self._spawn("cognito", ["-m", "moto.server", "-H", self.host,
-                                "-p", str(self.ports.cognito)], {})
+        self._spawn(
+            "cognito", ["-m", "moto.server", "-H", self.host, "-p", str(self.ports.cognito)], {}
+        )
         self._pg, database_url = start_embedded_postgres(self.home / "retriever")
         service_token = secrets.token_urlsafe(24)
         common = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        self._spawn("embedder", ["-m", "services.embedder"], {
-            **common, "EMBEDDER_HOST": self.host, "EMBEDDER_PORT": str(self.ports.embedder)})
-        self._spawn("generator", ["-m", "services.generator"], {
-            **common, "GENERATOR_HOST": self.host, "GENERATOR_PORT": str(self.ports.generator)})
-        self._spawn("retriever", ["-m", "services.retriever"], {
-            **common, "RETRIEVER_HOST": self.host, "RETRIEVER_PORT": str(self.ports.retriever),
-            "RETRIEVER_DATABASE_URL": database_url,
-            "RETRIEVER_EMBEDDER_URL": self.url("embedder"),
-            "RETRIEVER_SERVICE_TOKEN": service_token,
-        })
+        self._spawn(
+            "embedder",
+            ["-m", "services.embedder"],
+            {**common, "EMBEDDER_HOST": self.host, "EMBEDDER_PORT": str(self.ports.embedder)},
+        )
+        self._spawn(
+            "generator",
+            ["-m", "services.generator"],
+            {**common, "GENERATOR_HOST": self.host, "GENERATOR_PORT": str(self.ports.generator)},
+        )
+        self._spawn(
+            "retriever",
+            ["-m", "services.retriever"],
+            {
+                **common,
+                "RETRIEVER_HOST": self.host,
+                "RETRIEVER_PORT": str(self.ports.retriever),
+                "RETRIEVER_DATABASE_URL": database_url,
+                "RETRIEVER_EMBEDDER_URL": self.url("embedder"),
+                "RETRIEVER_SERVICE_TOKEN": service_token,
+            },
+        )
         self._wait_for_port("cognito", self.ports.cognito)
         self.pool = LocalPool.create(self.url("cognito"))
         self.password = self.pool.create_user(DEV_USER)
-        self._spawn("gateway", ["-m", "services.gateway"], {
-            "GATEWAY_HOST": self.host, "GATEWAY_PORT": str(self.ports.gateway),
-            "GATEWAY_COGNITO_ISSUER": self.pool.issuer,
-            "GATEWAY_COGNITO_JWKS_URL": self.pool.jwks_url,
-            "GATEWAY_COGNITO_CLIENT_ID": self.pool.client_id,
-            "GATEWAY_RETRIEVER_URL": self.url("retriever"),
-            "GATEWAY_GENERATOR_URL": self.url("generator"),
-            "GATEWAY_SERVICE_TOKEN": service_token,
-        })
+        self._spawn(
+            "gateway",
+            ["-m", "services.gateway"],
+            {
+                "GATEWAY_HOST": self.host,
+                "GATEWAY_PORT": str(self.ports.gateway),
+                "GATEWAY_COGNITO_ISSUER": self.pool.issuer,
+                "GATEWAY_COGNITO_JWKS_URL": self.pool.jwks_url,
+                "GATEWAY_COGNITO_CLIENT_ID": self.pool.client_id,
+                "GATEWAY_RETRIEVER_URL": self.url("retriever"),
+                "GATEWAY_GENERATOR_URL": self.url("generator"),
+                "GATEWAY_SERVICE_TOKEN": service_token,
+            },
+        )
         for name in SERVICES:
             self._wait_ready(name)
-        self.state_file.write_text(json.dumps({
-            "gateway_url": self.url("gateway"), "cognito": self.pool.to_dict(),
-            "username": DEV_USER, "password": self.password, "pid": os.getpid(),
-        }, indent=2))
+        self.state_file.write_text(
+            json.dumps(
+                {
+                    "gateway_url": self.url("gateway"),
+                    "cognito": self.pool.to_dict(),
+                    "username": DEV_USER,
+                    "password": self.password,
+                    "pid": os.getpid(),
+                },
+                indent=2,
+            )
+        )
         self.state_file.chmod(0o600)
 
     def _check_alive(self, name: str) -> None:
@@ -147,7 +176,8 @@ class Stack:
         if proc.poll() is not None:
             raise StackError(
                 f"{name} exited with code {proc.returncode}; last lines of its log:\n"
-                + self.log_tail(name))
+                + self.log_tail(name)
+            )
 
     def _wait_for_port(self, name: str, port: int) -> None:
         deadline = time.monotonic() + 60
@@ -168,8 +198,9 @@ class Stack:
                 if httpx.get(url, timeout=2.0).status_code == 200:
                     return
             time.sleep(0.25)
-        raise StackError(f"{name} was not ready after {self.ready_timeout_s:.0f}s:\n"
-                         + self.log_tail(name))
+        raise StackError(
+            f"{name} was not ready after {self.ready_timeout_s:.0f}s:\n" + self.log_tail(name)
+        )
 
     def dead_services(self) -> list[str]:
         return [name for name, proc in self.procs.items() if proc.poll() is not None]

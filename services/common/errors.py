@@ -64,11 +64,17 @@ class APIError(Exception):
 
 
 def error_body(
-    status_code: int, message: str, *, code: str | None = None, param: str | None = None,
+    status_code: int,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
     type: str | None = None,
 ) -> dict[str, Any]:
     detail = ErrorDetail(
-        message=message, type=type or _TYPES.get(status_code, "server_error"), code=code,
+        message=message,
+        type=type or _TYPES.get(status_code, "server_error"),
+        code=code,
         param=param,
     )
     return ErrorResponse(error=detail).model_dump()
@@ -97,7 +103,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         return JSONResponse(
-            error_body(exc.status_code, message), status_code=exc.status_code,
+            error_body(exc.status_code, message),
+            status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
 

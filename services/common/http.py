@@ -14,8 +14,12 @@ async def _propagate_request_id(request: httpx.Request) -> None:
 
 
 def make_client(
-    base_url: str, *, timeout: float = 30.0, connect_timeout: float = 3.0,
-    headers: dict[str, str] | None = None, max_connections: int = 100,
+    base_url: str,
+    *,
+    timeout: float = 30.0,
+    connect_timeout: float = 3.0,
+    headers: dict[str, str] | None = None,
+    max_connections: int = 100,
 ) -> httpx.AsyncClient:
     """An async client with bounded timeouts and request-id propagation."""
     return httpx.AsyncClient(

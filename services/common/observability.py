@@ -19,11 +19,10 @@ ReadinessCheck = Callable[[], Awaitable[str | None]]
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 
-REQUESTS = Counter(
-    "http_requests_total", "HTTP requests", ["service", "method", "route", "status"]
-)
+REQUESTS = Counter("http_requests_total", "HTTP requests", ["service", "method", "route", "status"])
 LATENCY = Histogram(
-    "http_request_duration_seconds", "HTTP request latency (to response start)",
+    "http_request_duration_seconds",
+    "HTTP request latency (to response start)",
     ["service", "route"],
 )
 

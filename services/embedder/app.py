@@ -52,14 +52,22 @@ def _validate_inputs(body: EmbeddingRequest, settings: EmbedderSettings) -> list
     if not texts:
         raise APIError(400, "input must not be empty", param="input")
     if len(texts) > settings.max_inputs_per_request:
-        raise APIError(400, f"at most {settings.max_inputs_per_request} inputs per request",
-                       param="input", code="too_many_inputs")
+        raise APIError(
+            400,
+            f"at most {settings.max_inputs_per_request} inputs per request",
+            param="input",
+            code="too_many_inputs",
+        )
     for i, text in enumerate(texts):
         if not text.strip():
             raise APIError(400, f"input[{i}] is empty", param="input")
         if len(text) > settings.max_input_chars:
-            raise APIError(400, f"input[{i}] is longer than {settings.max_input_chars} characters",
-                           param="input", code="input_too_long")
+            raise APIError(
+                400,
+                f"input[{i}] is longer than {settings.max_input_chars} characters",
+                param="input",
+                code="input_too_long",
+            )
     return texts
 
 
@@ -101,8 +109,12 @@ def create_app(settings: EmbedderSettings) -> FastAPI:
     def current_model(request: Request) -> LoadedModel:
         model: LoadedModel | None = request.app.state.model
         if model is None:
-            raise APIError(503, "embedding model is not loaded yet", code="model_loading",
-                           headers={"Retry-After": "5"})
+            raise APIError(
+                503,
+                "embedding model is not loaded yet",
+                code="model_loading",
+                headers={"Retry-After": "5"},
+            )
         return model
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES)
@@ -110,8 +122,9 @@ def create_app(settings: EmbedderSettings) -> FastAPI:
         model = current_model(request)
         texts = _validate_inputs(body, settings)
         if body.dimensions is not None and body.dimensions != model.dimension:
-            raise APIError(400, f"model {model.name} produces {model.dimension} dimensions",
-                           param="dimensions")
+            raise APIError(
+                400, f"model {model.name} produces {model.dimension} dimensions", param="dimensions"
+            )
         loop = asyncio.get_running_loop()
         vectors = await loop.run_in_executor(executor, model.encode, texts, settings.batch_size)
         tokens = await loop.run_in_executor(None, model.count_tokens, texts)
@@ -119,7 +132,8 @@ def create_app(settings: EmbedderSettings) -> FastAPI:
             EmbeddingItem(
                 index=i,
                 embedding=base64.b64encode(vec.tobytes()).decode()
-                if body.encoding_format == "base64" else vec.tolist(),
+                if body.encoding_format == "base64"
+                else vec.tolist(),
             )
             for i, vec in enumerate(vectors)
         ]
@@ -130,14 +144,20 @@ def create_app(settings: EmbedderSettings) -> FastAPI:
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:
         model = current_model(request)
-        return {"object": "list", "data": [
-            {"id": model.name, "object": "model", "owned_by": "ragplatform"}]}
+        return {
+            "object": "list",
+            "data": [{"id": model.name, "object": "model", "owned_by": "ragplatform"}],
+        }
 
     @app.get("/info")
     async def info(request: Request) -> dict:
         """What the retriever needs: dimension and the longest input the model reads."""
         model = current_model(request)
-        return {"model": model.name, "dimension": model.dimension,
-                "max_seq_length": model.max_seq_length, "device": model.device}
+        return {
+            "model": model.name,
+            "dimension": model.dimension,
+            "max_seq_length": model.max_seq_length,
+            "device": model.device,
+        }
 
     return app

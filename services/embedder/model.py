@@ -49,14 +49,18 @@ class LoadedModel:
 
     def count_tokens(self, texts: list[str]) -> int:
         tokenizer = self.encoder.tokenizer  # type: ignore[attr-defined]
-        encoded = tokenizer(texts, add_special_tokens=True, truncation=True,
-                            max_length=self.max_seq_length)
+        encoded = tokenizer(
+            texts, add_special_tokens=True, truncation=True, max_length=self.max_seq_length
+        )
         return sum(len(ids) for ids in encoded["input_ids"])
 
     def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
         vectors = self.encoder.encode(  # type: ignore[attr-defined]
-            texts, batch_size=batch_size, normalize_embeddings=True,
-            convert_to_numpy=True, show_progress_bar=False,
+            texts,
+            batch_size=batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
         )
         return np.asarray(vectors, dtype=np.float32)
 
@@ -69,11 +73,17 @@ def load_model(model: str, device: str, served_name: str | None) -> LoadedModel:
     encoder = SentenceTransformer(path, device=chosen)
     if chosen.startswith("cuda"):
         encoder.half()
-    dim = encoder.get_embedding_dimension() if hasattr(encoder, "get_embedding_dimension") \
+    dim = (
+        encoder.get_embedding_dimension()
+        if hasattr(encoder, "get_embedding_dimension")
         else encoder.get_sentence_embedding_dimension()
+    )
     loaded = LoadedModel(
-        encoder=encoder, name=served_name or Path(model).name or model,
-        dimension=int(dim), max_seq_length=int(encoder.max_seq_length), device=chosen,
+        encoder=encoder,
+        name=served_name or Path(model).name or model,
+        dimension=int(dim),
+        max_seq_length=int(encoder.max_seq_length),
+        device=chosen,
     )
     loaded.encode(["warm-up"], batch_size=1)
     logger.info("embedding model %s loaded on %s (dim %d)", loaded.name, chosen, loaded.dimension)

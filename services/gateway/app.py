@@ -42,11 +42,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         jwks_http = make_client("", timeout=5.0, connect_timeout=2.0)
         retriever_http = make_client(
-            settings.retriever_url, timeout=60.0,
-            headers={"Authorization": f"Bearer {settings.service_token}"})
+            settings.retriever_url,
+            timeout=60.0,
+            headers={"Authorization": f"Bearer {settings.service_token}"},
+        )
         generator_http = make_client(settings.generator_url, timeout=settings.generator_timeout_s)
         app.state.verifier = CognitoVerifier(
-            settings.cognito_issuer, settings.cognito_client_id, settings.token_use,
+            settings.cognito_issuer,
+            settings.cognito_client_id,
+            settings.token_use,
             JwksCache(settings.cognito_jwks_url, settings.jwks_refresh_penalty_s, jwks_http),
         )
         app.state.retriever = RetrieverClient(retriever_http)
@@ -58,7 +62,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 await client.aclose()
 
     app = FastAPI(
-        title="RAG gateway", version="0.1.0", lifespan=lifespan,
+        title="RAG gateway",
+        version="0.1.0",
+        lifespan=lifespan,
         description="Answers questions from your own documents, with citations. "
         "Authenticate with an Amazon Cognito access token: `Authorization: Bearer <token>`.",
     )
@@ -74,12 +80,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             except httpx.HTTPError:
                 return "unreachable"
             return None if resp.status_code == 200 else "not ready"
+
         return check
 
-    install_observability(app, "gateway", {
-        "retriever": _dependency_check("retriever"),
-        "generator": _dependency_check("generator"),
-    })
+    install_observability(
+        app,
+        "gateway",
+        {
+            "retriever": _dependency_check("retriever"),
+            "generator": _dependency_check("generator"),
+        },
+    )
 
     @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def create_chat_completion(request: Request, user: User) -> Response:
@@ -89,8 +100,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         except ValueError as exc:
             errors = getattr(exc, "errors", lambda: [])()
             where = ".".join(str(p) for p in errors[0]["loc"]) if errors else None
-            raise APIError(400, f"invalid chat request{f' at {where}' if where else ''}",
-                           param=where) from exc
+            raise APIError(
+                400, f"invalid chat request{f' at {where}' if where else ''}", param=where
+            ) from exc
         return await chat_completion(request, body, user, settings)
 
     @app.post("/v1/documents", status_code=202, responses=ERROR_RESPONSES)
@@ -100,18 +112,26 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             raise APIError(415, "send multipart/form-data (file) or application/json (text)")
         raw = await _read_capped(request, settings.max_upload_bytes + 64 * 1024)
         resp = await request.app.state.retriever.request(
-            "POST", "/documents", user.sub, content=raw, headers={"Content-Type": content_type})
+            "POST", "/documents", user.sub, content=raw, headers={"Content-Type": content_type}
+        )
         return relay(resp)
 
     @app.get("/v1/documents", responses=ERROR_RESPONSES)
     async def list_documents(
-        request: Request, user: User, limit: Annotated[int, Query(ge=1, le=100)] = 20,
-        cursor: str | None = None, status: str | None = None,
+        request: Request,
+        user: User,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        cursor: str | None = None,
+        status: str | None = None,
     ) -> Response:
-        params = {k: v for k, v in
-                  {"limit": limit, "cursor": cursor, "status": status}.items() if v is not None}
+        params = {
+            k: v
+            for k, v in {"limit": limit, "cursor": cursor, "status": status}.items()
+            if v is not None
+        }
         resp = await request.app.state.retriever.request(
-            "GET", "/documents", user.sub, params=params)
+            "GET", "/documents", user.sub, params=params
+        )
         return relay(resp)
 
     @app.get("/v1/documents/{doc_id}", responses=ERROR_RESPONSES)
@@ -128,8 +148,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def search(request: Request, user: User) -> Response:
         raw = await _read_capped(request, settings.max_body_bytes)
         resp = await request.app.state.retriever.request(
-            "POST", "/search", user.sub, content=raw,
-            headers={"Content-Type": "application/json"})
+            "POST", "/search", user.sub, content=raw, headers={"Content-Type": "application/json"}
+        )
         return relay(resp)
 
     @app.get("/v1/models", responses=ERROR_RESPONSES)

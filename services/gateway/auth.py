@@ -31,7 +31,9 @@ class Principal:
 
 def unauthorized(message: str) -> APIError:
     return APIError(
-        401, message, code="invalid_token",
+        401,
+        message,
+        code="invalid_token",
         headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
     )
 
@@ -67,8 +69,12 @@ class JwksCache:
             except (httpx.HTTPError, ValueError) as exc:
                 self._last_fetch = time.monotonic()
                 logger.warning("JWKS fetch failed: %s", type(exc).__name__)
-                raise APIError(503, "the identity provider's keys are unavailable",
-                               code="jwks_unavailable", headers={"Retry-After": "5"}) from exc
+                raise APIError(
+                    503,
+                    "the identity provider's keys are unavailable",
+                    code="jwks_unavailable",
+                    headers={"Retry-After": "5"},
+                ) from exc
             return self._keys.get(kid)
 
 
@@ -94,9 +100,17 @@ class CognitoVerifier:
             raise unauthorized("token signed by an unknown key")
         try:
             claims = jwt.decode(
-                token, key, algorithms=ALLOWED_ALGORITHMS, issuer=self.issuer,
-                options={"verify_aud": False, "require_exp": True, "require_iat": False,
-                         "require_sub": True, "leeway": 0},
+                token,
+                key,
+                algorithms=ALLOWED_ALGORITHMS,
+                issuer=self.issuer,
+                options={
+                    "verify_aud": False,
+                    "require_exp": True,
+                    "require_iat": False,
+                    "require_sub": True,
+                    "leeway": 0,
+                },
             )
         except ExpiredSignatureError as exc:
             raise unauthorized("token expired") from exc

@@ -51,10 +51,16 @@ class ChatRequest(BaseModel):
     retrieval: RetrievalOptions = Field(default_factory=RetrievalOptions)
 
 
-def _generator_payload(body: ChatRequest, messages: list[dict[str, Any]], max_tokens: int,
-                       ) -> dict[str, Any]:
-    payload: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens,
-                               "stream": body.stream}
+def _generator_payload(
+    body: ChatRequest,
+    messages: list[dict[str, Any]],
+    max_tokens: int,
+) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "stream": body.stream,
+    }
     for name in ("temperature", "top_p", "stop", "seed"):
         value = getattr(body, name)
         if value is not None:
@@ -67,19 +73,24 @@ async def chat_completion(
 ) -> Response:
     max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
     if max_tokens > settings.max_tokens_cap:
-        raise APIError(400, f"max_tokens must be at most {settings.max_tokens_cap}",
-                       param="max_tokens")
+        raise APIError(
+            400, f"max_tokens must be at most {settings.max_tokens_cap}", param="max_tokens"
+        )
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     question = rag.last_user_question(messages)
     passages: list[dict[str, Any]] = []
     if body.retrieval.enabled and question:
         retriever: RetrieverClient = request.app.state.retriever
-        hits = await retriever.search(user.sub, {
-            "query": question, "k": body.retrieval.k or settings.rag_k,
-            "mode": body.retrieval.mode,
-            "document_ids": [str(d) for d in body.retrieval.document_ids],
-            "filters": {"metadata": body.retrieval.filters.get("metadata", {})},
-        })
+        hits = await retriever.search(
+            user.sub,
+            {
+                "query": question,
+                "k": body.retrieval.k or settings.rag_k,
+                "mode": body.retrieval.mode,
+                "document_ids": [str(d) for d in body.retrieval.document_ids],
+                "filters": {"metadata": body.retrieval.filters.get("metadata", {})},
+            },
+        )
         passages = rag.fit_passages(hits, messages, settings.generator_context_tokens, max_tokens)
     prompt = rag.build_messages(passages, messages) if body.retrieval.enabled else messages
     payload = _generator_payload(body, prompt, max_tokens)
@@ -88,7 +99,8 @@ async def chat_completion(
     generator: httpx.AsyncClient = request.app.state.generator
     try:
         resp = await generator.send(
-            generator.build_request("POST", "/v1/chat/completions", json=payload), stream=True)
+            generator.build_request("POST", "/v1/chat/completions", json=payload), stream=True
+        )
     except httpx.HTTPError as exc:
         raise unavailable("generator") from exc
     if resp.status_code != 200:
@@ -104,7 +116,8 @@ async def chat_completion(
         completion["citations"] = cites
         return JSONResponse(completion)
     return StreamingResponse(
-        _stream_with_citations(resp, cites), media_type="text/event-stream",
+        _stream_with_citations(resp, cites),
+        media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
@@ -130,8 +143,12 @@ async def _stream_with_citations(
             event.pop("timings", None)
             yield f"data: {json.dumps(event)}\n\n".encode()
         final = {
-            "id": completion_id, "object": "chat.completion.chunk", "created": created,
-            "model": model, "choices": [], "citations": cites,
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [],
+            "citations": cites,
         }
         yield f"data: {json.dumps(final)}\n\n".encode()
         yield b"data: [DONE]\n\n"

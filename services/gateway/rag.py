@@ -29,7 +29,9 @@ def last_user_question(messages: list[dict[str, Any]]) -> str | None:
 
 
 def fit_passages(
-    hits: list[dict[str, Any]], messages: list[dict[str, Any]], context_tokens: int,
+    hits: list[dict[str, Any]],
+    messages: list[dict[str, Any]],
+    context_tokens: int,
     max_tokens: int,
 ) -> list[dict[str, Any]]:
     """Keep the best passages that fit the context beside the conversation and the answer."""
@@ -50,20 +52,20 @@ def build_messages(
 ) -> list[dict[str, Any]]:
     if not passages:
         return [{"role": "system", "content": NO_CONTEXT_PROMPT}, *messages]
-    blocks = [
-        f"[{i}] (source: {p['title']})\n{p['text']}" for i, p in enumerate(passages, start=1)
-    ]
-    system = (
-        f"{SYSTEM_PROMPT}\n\n<passages>\n" + "\n\n".join(blocks) + "\n</passages>"
-    )
+    blocks = [f"[{i}] (source: {p['title']})\n{p['text']}" for i, p in enumerate(passages, start=1)]
+    system = f"{SYSTEM_PROMPT}\n\n<passages>\n" + "\n\n".join(blocks) + "\n</passages>"
     return [{"role": "system", "content": system}, *messages]
 
 
 def citations(passages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {
-            "index": i, "document_id": p["document_id"], "title": p["title"],
-            "chunk_id": p["chunk_id"], "text": p["text"], "score": p["score"],
+            "index": i,
+            "document_id": p["document_id"],
+            "title": p["title"],
+            "chunk_id": p["chunk_id"],
+            "text": p["text"],
+            "score": p["score"],
             "position": p.get("position", {}),
         }
         for i, p in enumerate(passages, start=1)

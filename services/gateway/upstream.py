@@ -11,19 +11,30 @@ from services.common.errors import APIError
 
 
 def unavailable(service: str) -> APIError:
-    return APIError(503, f"the {service} is unavailable", code=f"{service}_unavailable",
-                    headers={"Retry-After": "5"})
+    return APIError(
+        503,
+        f"the {service} is unavailable",
+        code=f"{service}_unavailable",
+        headers={"Retry-After": "5"},
+    )
 
 
 def passthrough_error(resp: httpx.Response, service: str) -> APIError:
     """Re-raise an upstream error, keeping its envelope's message when it has one."""
     if resp.status_code >= 500:
-        return unavailable(service) if resp.status_code == 503 else APIError(
-            502, f"the {service} failed", code=f"{service}_error")
+        return (
+            unavailable(service)
+            if resp.status_code == 503
+            else APIError(502, f"the {service} failed", code=f"{service}_error")
+        )
     try:
         detail = resp.json()["error"]
-        return APIError(resp.status_code, str(detail["message"]), code=detail.get("code"),
-                        param=detail.get("param"))
+        return APIError(
+            resp.status_code,
+            str(detail["message"]),
+            code=detail.get("code"),
+            param=detail.get("param"),
+        )
     except (ValueError, KeyError, TypeError):
         return APIError(resp.status_code, f"the {service} rejected the request")
 
@@ -33,12 +44,23 @@ class RetrieverClient:
         self.http = http
 
     async def request(
-        self, method: str, path: str, tenant: str, *, json: Any = None, content: bytes | None = None,
-        headers: dict[str, str] | None = None, params: dict[str, Any] | None = None,
+        self,
+        method: str,
+        path: str,
+        tenant: str,
+        *,
+        json: Any = None,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        params: dict[str, Any] | None = None,
     ) -> httpx.Response:
         try:
             resp = await self.http.request(
-                method, path, json=json, content=content, params=params,
+                method,
+                path,
+                json=json,
+                content=content,
+                params=params,
                 headers={"X-Tenant-Id": tenant, **(headers or {})},
             )
         except httpx.HTTPError as exc:
@@ -53,5 +75,6 @@ class RetrieverClient:
 
 
 def relay(resp: httpx.Response) -> Response:
-    return Response(resp.content, status_code=resp.status_code,
-                    media_type=resp.headers.get("content-type"))
+    return Response(
+        resp.content, status_code=resp.status_code, media_type=resp.headers.get("content-type")
+    )

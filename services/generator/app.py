@@ -66,8 +66,12 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
 
     def client(request: Request) -> httpx.AsyncClient:
         if not request.app.state.engine_ready:
-            raise APIError(503, "the model is still loading", code="model_loading",
-                           headers={"Retry-After": "5"})
+            raise APIError(
+                503,
+                "the model is still loading",
+                code="model_loading",
+                headers={"Retry-After": "5"},
+            )
         return request.app.state.client
 
     async def _forward(request: Request, path: str) -> Response:
@@ -103,7 +107,8 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
                 await resp.aclose()
 
         return StreamingResponse(
-            relay(), media_type="text/event-stream",
+            relay(),
+            media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
@@ -117,9 +122,18 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models() -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [{
-            "id": settings.served_model_name, "object": "model", "owned_by": "ragplatform",
-            "context_length": settings.ctx_per_slot,
-        }]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": settings.served_model_name,
+                        "object": "model",
+                        "owned_by": "ragplatform",
+                        "context_length": settings.ctx_per_slot,
+                    }
+                ],
+            }
+        )
 
     return app

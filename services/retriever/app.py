@@ -133,9 +133,14 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
             async def configure(conn: AsyncConnection) -> None:
                 await register_vector_async(conn)
 
-            pool = AsyncConnectionPool(url, min_size=1, max_size=settings.pool_max_size,
-                                       configure=configure, open=False,
-                                       kwargs={"autocommit": True})
+            pool = AsyncConnectionPool(
+                url,
+                min_size=1,
+                max_size=settings.pool_max_size,
+                configure=configure,
+                open=False,
+                kwargs={"autocommit": True},
+            )
             await pool.open(wait=True, timeout=30)
             store = Store(pool)
             # Chunks are sized in words; about 1.4 word-piece tokens a word keeps them inside
@@ -181,13 +186,18 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
             if not doc_in.text.strip():
                 raise APIError(400, "text must not be empty", param="text")
             title, media_type, metadata, text = (
-                doc_in.title, "text/plain", doc_in.metadata, doc_in.text)
+                doc_in.title,
+                "text/plain",
+                doc_in.metadata,
+                doc_in.text,
+            )
         else:
             raise APIError(415, "send multipart/form-data (file) or application/json (text)")
         if len(text.encode()) > settings.max_upload_bytes:
             raise APIError(413, f"document is larger than {settings.max_upload_bytes} bytes")
         doc, created = await db.create_document(
-            user_id, title, media_type, metadata, text, content_hash(text))
+            user_id, title, media_type, metadata, text, content_hash(text)
+        )
         if created:
             request.app.state.ingestor.submit(doc["id"])
         body = Document(**doc, duplicate=not created).model_dump(mode="json")
@@ -195,15 +205,17 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
 
     @app.get("/documents", response_model=DocumentList, responses=ERROR_RESPONSES)
     async def list_documents(
-        user_id: Tenant, db: StoreDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        user_id: Tenant,
+        db: StoreDep,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
         cursor: str | None = None,
         status: Literal["pending", "processing", "ready", "failed"] | None = None,
     ) -> DocumentList:
         rows = await db.list_documents(
-            user_id, limit + 1, _decode_cursor(cursor) if cursor else None, status)
+            user_id, limit + 1, _decode_cursor(cursor) if cursor else None, status
+        )
         next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
-        return DocumentList(data=[Document(**row) for row in rows[:limit]],
-                            next_cursor=next_cursor)
+        return DocumentList(data=[Document(**row) for row in rows[:limit]], next_cursor=next_cursor)
 
     @app.get("/documents/{doc_id}", response_model=Document, responses=ERROR_RESPONSES)
     async def get_document(doc_id: uuid.UUID, user_id: Tenant, db: StoreDep) -> Document:
@@ -219,16 +231,21 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
         return Response(status_code=204)
 
     @app.post("/search", response_model=SearchResponse, responses=ERROR_RESPONSES)
-    async def search(body: SearchRequest, user_id: Tenant, request: Request,
-                     db: StoreDep) -> SearchResponse:
+    async def search(
+        body: SearchRequest, user_id: Tenant, request: Request, db: StoreDep
+    ) -> SearchResponse:
         filters = (body.document_ids, body.filters.metadata)
         rankings = []
         if body.mode in ("vector", "hybrid"):
             try:
                 vector = (await request.app.state.embedder.embed([body.query]))[0]
             except EmbedderUnavailable as exc:
-                raise APIError(503, "the embedder is unavailable", code="embedder_down",
-                               headers={"Retry-After": "5"}) from exc
+                raise APIError(
+                    503,
+                    "the embedder is unavailable",
+                    code="embedder_down",
+                    headers={"Retry-After": "5"},
+                ) from exc
             pool_k = body.k if body.mode == "vector" else min(4 * body.k, 100)
             rankings.append(await db.vector_search(user_id, vector, pool_k, *filters))
         if body.mode in ("text", "hybrid"):

@@ -24,7 +24,9 @@ def start_embedded_postgres(data_dir: str | Path) -> tuple[object, str]:
     server = pgserver.get_server(root / "pgdata", cleanup_mode="stop")
     admin_url = server.get_uri()
     with psycopg.connect(admin_url, autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone()
+        exists = conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)
+        ).fetchone()
         if not exists:
             conn.execute(f"CREATE DATABASE {DATABASE}")
     url = server.get_uri(database=DATABASE)

