@@ -33,7 +33,7 @@ class Store:
         body: str,
         content_hash: str,
     ) -> tuple[dict[str, Any], bool]:
-        """Insert a pending document, return (document, created). Same content again: not created."""
+        """Insert a pending document; return (document, created=False for known content)."""
         async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(
                 f"INSERT INTO documents (id, user_id, title, media_type, metadata, body, "
