@@ -112,6 +112,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             stopping = True
             raise KeyboardInterrupt
 
+    # Both set explicitly: a shell that starts ragctl in the background (or CI) may have
+    # left SIGINT ignored, and Python then installs no KeyboardInterrupt handler of its own.
+    signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     print(f"starting the stack (state and logs in {home}/) ...", flush=True)
     started = time.monotonic()

@@ -21,22 +21,22 @@ def unavailable(service: str) -> APIError:
 
 def passthrough_error(resp: httpx.Response, service: str) -> APIError:
     """Re-raise an upstream error, keeping its envelope's message when it has one."""
-    if resp.status_code >= 500:
-        return (
-            unavailable(service)
-            if resp.status_code == 503
-            else APIError(502, f"the {service} failed", code=f"{service}_error")
-        )
     try:
         detail = resp.json()["error"]
-        return APIError(
-            resp.status_code,
-            str(detail["message"]),
-            code=detail.get("code"),
-            param=detail.get("param"),
-        )
+        message, code, param = str(detail["message"]), detail.get("code"), detail.get("param")
     except (ValueError, KeyError, TypeError):
-        return APIError(resp.status_code, f"the {service} rejected the request")
+        message, code, param = f"the {service} rejected the request", None, None
+    if resp.status_code == 503:
+        # e.g. the retriever's own dependency (the embedder) is down: say which.
+        return APIError(
+            503,
+            message,
+            code=code or f"{service}_unavailable",
+            headers={"Retry-After": resp.headers.get("retry-after", "5")},
+        )
+    if resp.status_code >= 500:
+        return APIError(502, f"the {service} failed", code=f"{service}_error")
+    return APIError(resp.status_code, message, code=code, param=param)
 
 
 class RetrieverClient:

@@ -1,0 +1,55 @@
+"""The gateway when a dependency is down: 503 in the envelope there, the rest keeps working."""
+
+from __future__ import annotations
+
+import httpx
+
+from ragctl.stack import Stack, free_port
+from services.gateway.app import create_app
+from services.gateway.settings import GatewaySettings
+
+
+async def test_retriever_down_gives_503_and_other_routes_still_work(
+    stack: Stack, dev_token: str
+) -> None:
+    assert stack.pool is not None
+    settings = GatewaySettings(
+        cognito_issuer=stack.pool.issuer,
+        cognito_jwks_url=stack.pool.jwks_url,
+        cognito_client_id=stack.pool.client_id,
+        retriever_url=f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        generator_url=stack.url("generator"),
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport,
+            base_url="http://gateway",
+            headers={"Authorization": f"Bearer {dev_token}"},
+        ) as client:
+            for method, path, body in (
+                ("GET", "/v1/documents", None),
+                ("POST", "/v1/search", {"query": "anything"}),
+                ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+            ):
+                resp = await client.request(method, path, json=body)
+                assert resp.status_code == 503, (path, resp.text)
+                assert resp.json()["error"]["code"] == "retriever_unavailable"
+                assert resp.headers["retry-after"]
+            models = await client.get("/v1/models")
+            assert models.status_code == 200
+            no_rag = await client.post(
+                "/v1/chat/completions",
+                json={
+                    "messages": [{"role": "user", "content": "Say hello."}],
+                    "max_tokens": 8,
+                    "retrieval": {"enabled": False},
+                },
+            )
+            assert no_rag.status_code == 200
+            assert no_rag.json()["choices"][0]["message"]["content"]
+            assert no_rag.json()["citations"] == []
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["not_ready"] == {"retriever": "unreachable"}
