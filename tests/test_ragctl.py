@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -70,9 +71,15 @@ def test_up_ingest_ask_then_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
         assert proc.returncode == 0, out
         assert "stopped." in out
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # the test failed: do not leave the stack running
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
             proc.kill()
             proc.wait()
+            pidfile = home / "retriever" / "pgdata" / "postmaster.pid"
+            if pidfile.exists():
+                with contextlib.suppress(psutil.Error):
+                    psutil.Process(int(pidfile.read_text().split()[0])).terminate()
     time.sleep(0.5)
     alive = [
         pid
