@@ -127,6 +127,7 @@ async def _stream_with_citations(
 ) -> AsyncIterator[bytes]:
     """Relay the generator's SSE events; the last event before [DONE] carries the citations."""
     completion_id, model, created = f"chatcmpl-{uuid.uuid4().hex}", "", int(time.time())
+    first = True
     try:
         async for line in resp.aiter_lines():
             if not line.startswith("data:"):
@@ -134,14 +135,19 @@ async def _stream_with_citations(
             data = line[5:].strip()
             if data == "[DONE]":
                 break
-            try:
-                event = json.loads(data)
-            except ValueError:
-                continue
-            completion_id = event.get("id", completion_id)
-            model = event.get("model", model)
-            event.pop("timings", None)
-            yield f"data: {json.dumps(event)}\n\n".encode()
+            # Relay events as they are; parse only the first (for id and model) and the one
+            # with the engine's timings (dropped).
+            if first or '"timings"' in data:
+                try:
+                    event = json.loads(data)
+                except ValueError:
+                    continue
+                completion_id = event.get("id", completion_id)
+                model = event.get("model", model)
+                first = False
+                if event.pop("timings", None) is not None:
+                    data = json.dumps(event)
+            yield f"data: {data}\n\n".encode()
         final = {
             "id": completion_id,
             "object": "chat.completion.chunk",
