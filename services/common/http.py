@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import httpx
+from fastapi import Request
 
+from services.common.errors import APIError
 from services.common.observability import request_id_var
 
 
@@ -29,3 +31,16 @@ def make_client(
         headers=headers,
         event_hooks={"request": [_propagate_request_id]},
     )
+
+
+async def read_capped_body(request: Request, limit: int) -> bytes:
+    """Read a request body, answering 413 as soon as it passes limit bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body is larger than {limit} bytes", code="too_large")
+    body = bytearray()
+    async for part in request.stream():
+        body.extend(part)
+        if len(body) > limit:
+            raise APIError(413, f"request body is larger than {limit} bytes", code="too_large")
+    return bytes(body)

@@ -10,9 +10,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 ReadinessCheck = Callable[[], Awaitable[str | None]]
 """Returns None when ready, or a short reason when not."""
@@ -53,27 +54,55 @@ def configure_logging(level: str, as_json: bool) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+class RequestContextMiddleware:
+    """Request id (taken from X-Request-Id or made), metrics per route. Plain ASGI: no
+    per-request task or stream copies, unlike BaseHTTPMiddleware."""
+
+    def __init__(self, app: ASGIApp, service: str) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                rid = value.decode("latin-1")[:128]
+                break
+        rid = rid or uuid.uuid4().hex
+        token = request_id_var.set(rid)
+        start = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", rid.encode("latin-1")),
+                ]
+                route = scope.get("route")
+                path = getattr(route, "path", "unmatched")
+                REQUESTS.labels(self.service, scope["method"], path, str(status)).inc()
+                LATENCY.labels(self.service, path).observe(time.perf_counter() - start)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)
+
+
 def install_observability(
     app: FastAPI, service: str, readiness: dict[str, ReadinessCheck] | None = None
 ) -> None:
     """Add /healthz, /readyz, /metrics and the request-id middleware to an app."""
     checks = readiness or {}
 
-    @app.middleware("http")
-    async def _request_id(request: Request, call_next: Callable) -> Response:
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        token = request_id_var.set(rid)
-        start = time.perf_counter()
-        try:
-            response: Response = await call_next(request)
-        finally:
-            request_id_var.reset(token)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        REQUESTS.labels(service, request.method, path, str(response.status_code)).inc()
-        LATENCY.labels(service, path).observe(time.perf_counter() - start)
-        response.headers["x-request-id"] = rid
-        return response
+    app.add_middleware(RequestContextMiddleware, service=service)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Embedder app factory and routes."""
+"""Embedder app factory and routes: OpenAI-compatible /v1/embeddings with dynamic batching."""
 
 from __future__ import annotations
 
@@ -6,15 +6,19 @@ import asyncio
 import base64
 import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Literal
 
+import numpy as np
 from fastapi import FastAPI, Request
-from pydantic import BaseModel
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
 
 from services.common.errors import ERROR_RESPONSES, APIError, install_error_handlers
+from services.common.http import read_capped_body
 from services.common.observability import install_observability
+from services.embedder.batching import Batcher, InputTooLong, QueueFull
 from services.embedder.model import LoadedModel, load_model
 from services.embedder.settings import EmbedderSettings
 
@@ -22,11 +26,14 @@ logger = logging.getLogger(__name__)
 
 
 class EmbeddingRequest(BaseModel):
-    input: str | list[str]
+    model_config = ConfigDict(extra="ignore")
+    input: StrictStr | list[StrictStr]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
+    # Extension: models trained with query/passage prompts (e5, bge...) get the right one.
+    input_type: Literal["query", "passage"] | None = None
 
 
 class EmbeddingItem(BaseModel):
@@ -47,7 +54,17 @@ class EmbeddingResponse(BaseModel):
     usage: Usage
 
 
-def _validate_inputs(body: EmbeddingRequest, settings: EmbedderSettings) -> list[str]:
+def parse_request(raw: bytes, settings: EmbedderSettings) -> EmbeddingRequest:
+    try:
+        body = EmbeddingRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = str(first["loc"][0]) if first["loc"] else None
+        if param == "input":
+            raise APIError(
+                400, "input must be a string or a list of strings", param="input"
+            ) from exc
+        raise APIError(400, f"{param or 'body'}: {first['msg']}", param=param) from exc
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts:
         raise APIError(400, "input must not be empty", param="input")
@@ -68,33 +85,47 @@ def _validate_inputs(body: EmbeddingRequest, settings: EmbedderSettings) -> list
                 param="input",
                 code="input_too_long",
             )
-    return texts
+    return body
+
+
+def output_dimensions(requested: int | None, model: LoadedModel, settings: EmbedderSettings) -> int:
+    if requested is None or requested == model.dimension:
+        return model.dimension
+    if requested in settings.matryoshka_dims and requested < model.dimension:
+        return requested
+    allowed = sorted({model.dimension, *settings.matryoshka_dims})
+    raise APIError(
+        400, f"model {model.name} gives {allowed} dimensions, not {requested}", param="dimensions"
+    )
 
 
 def create_app(settings: EmbedderSettings) -> FastAPI:
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
-
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.model = None
-        loop = asyncio.get_running_loop()
-        loading = loop.run_in_executor(
-            executor, load_model, settings.model, settings.device, settings.served_model_name
-        )
-
-        def _loaded(fut: asyncio.Future[LoadedModel]) -> None:
-            if fut.cancelled() or fut.exception() is not None:
-                logger.error("embedding model failed to load: %r", fut.exception())
-                app.state.load_error = "model failed to load"
-            else:
-                app.state.model = fut.result()
-
         app.state.load_error = None
-        loading.add_done_callback(_loaded)
+        batcher = Batcher(
+            partial(load_model, settings.model, settings.device, settings.served_model_name),
+            max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_queued_inputs=settings.max_queued_inputs,
+            batch_wait_ms=settings.batch_wait_ms,
+        )
+        app.state.batcher = batcher
+
+        async def wait_loaded() -> None:
+            try:
+                app.state.model = await asyncio.wrap_future(batcher.loaded)
+            except Exception:
+                logger.exception("embedding model failed to load")
+                app.state.load_error = "model failed to load"
+
+        loading = asyncio.create_task(wait_loaded())
         try:
             yield
         finally:
-            executor.shutdown(wait=False, cancel_futures=True)
+            batcher.stop()
+            loading.cancel()
 
     app = FastAPI(title="RAG embedder", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
@@ -111,42 +142,65 @@ def create_app(settings: EmbedderSettings) -> FastAPI:
         if model is None:
             raise APIError(
                 503,
-                "embedding model is not loaded yet",
+                "the embedding model is not loaded yet",
                 code="model_loading",
                 headers={"Retry-After": "5"},
             )
         return model
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES)
-    async def create_embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
+    async def create_embeddings(request: Request) -> Response:
         model = current_model(request)
-        texts = _validate_inputs(body, settings)
-        if body.dimensions is not None and body.dimensions != model.dimension:
+        body = parse_request(await read_capped_body(request, settings.max_body_bytes), settings)
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        dims = output_dimensions(body.dimensions, model, settings)
+        prefix = model.prompt_for(body.input_type)
+        if prefix:
+            texts = [prefix + text for text in texts]
+        batcher: Batcher = request.app.state.batcher
+        try:
+            vectors, tokens = await batcher.embed(texts, settings.truncate)
+        except QueueFull as exc:
             raise APIError(
-                400, f"model {model.name} produces {model.dimension} dimensions", param="dimensions"
-            )
-        loop = asyncio.get_running_loop()
-        vectors = await loop.run_in_executor(executor, model.encode, texts, settings.batch_size)
-        tokens = await loop.run_in_executor(None, model.count_tokens, texts)
-        items = [
-            EmbeddingItem(
-                index=i,
-                embedding=base64.b64encode(vec.tobytes()).decode()
-                if body.encoding_format == "base64"
-                else vec.tolist(),
-            )
-            for i, vec in enumerate(vectors)
-        ]
-        return EmbeddingResponse(
-            data=items, model=model.name, usage=Usage(prompt_tokens=tokens, total_tokens=tokens)
+                429,
+                "the embedder is at capacity; retry shortly",
+                code="overloaded",
+                headers={"Retry-After": "1"},
+            ) from exc
+        except InputTooLong as exc:
+            raise APIError(400, str(exc), param="input", code="input_too_long") from exc
+        if dims < model.dimension:
+            vectors = vectors[:, :dims]
+            vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        result = EmbeddingResponse(
+            data=[
+                EmbeddingItem(
+                    index=i,
+                    embedding=base64.b64encode(vec.astype("<f4").tobytes()).decode()
+                    if body.encoding_format == "base64"
+                    else vec.tolist(),
+                )
+                for i, vec in enumerate(vectors)
+            ],
+            model=model.name,
+            usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
         )
+        return Response(result.model_dump_json(), media_type="application/json")
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:
         model = current_model(request)
         return {
             "object": "list",
-            "data": [{"id": model.name, "object": "model", "owned_by": "ragplatform"}],
+            "data": [
+                {
+                    "id": model.name,
+                    "object": "model",
+                    "owned_by": "ragplatform",
+                    "dimension": model.dimension,
+                    "max_input_tokens": model.max_seq_length,
+                }
+            ],
         }
 
     @app.get("/info")

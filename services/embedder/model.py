@@ -1,4 +1,4 @@
-"""Loading a sentence-transformers model and encoding with it."""
+"""Loading a sentence-transformers model and running it on tokenized inputs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,26 +42,48 @@ def pick_device(device: str) -> str:
 class LoadedModel:
     """A loaded encoder and what clients need to know about it."""
 
-    encoder: object  # SentenceTransformer; typed loosely to keep imports lazy
+    encoder: Any  # SentenceTransformer; imported lazily
     name: str
     dimension: int
     max_seq_length: int
     device: str
+    prompts: dict[str, str]
 
-    def count_tokens(self, texts: list[str]) -> int:
-        tokenizer = self.encoder.tokenizer  # type: ignore[attr-defined]
-        encoded = tokenizer(
-            texts, add_special_tokens=True, truncation=True, max_length=self.max_seq_length
-        )
-        return sum(len(ids) for ids in encoded["input_ids"])
+    def prompt_for(self, input_type: str | None) -> str:
+        """The prefix the model was trained with for queries or passages ('' if none)."""
+        if input_type is None:
+            return ""
+        if input_type == "passage":
+            return self.prompts.get("passage") or self.prompts.get("document") or ""
+        return self.prompts.get(input_type, "")
 
-    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
-        vectors = self.encoder.encode(  # type: ignore[attr-defined]
+    def tokenize(self, texts: list[str], truncate: bool) -> dict[str, list[list[int]]]:
+        """Token ids (and the model's other inputs) per text, unpadded."""
+        encoded = self.encoder.tokenizer(
             texts,
-            batch_size=batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
+            add_special_tokens=True,
+            truncation=truncate,
+            max_length=self.max_seq_length if truncate else None,
+            return_attention_mask=True,
+        )
+        return {key: list(values) for key, values in encoded.items()}
+
+    def forward_tokens(self, ids: list[list[int]], extra: list[dict[str, list[int]]]) -> np.ndarray:
+        """Run one padded batch; return normalized float32 vectors."""
+        import torch
+
+        features = {"input_ids": ids, **{key: [e[key] for e in extra] for key in extra[0]}}
+        padded = self.encoder.tokenizer.pad(features, return_tensors="pt")
+        batch = {key: tensor.to(self.device) for key, tensor in padded.items()}
+        with torch.inference_mode():
+            out = self.encoder.forward(batch)["sentence_embedding"]
+            out = torch.nn.functional.normalize(out.float(), p=2, dim=1)
+        return np.ascontiguousarray(out.cpu().numpy(), dtype=np.float32)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """The plain in-process path (sentence-transformers' own encode), for comparison."""
+        vectors = self.encoder.encode(
+            texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
         )
         return np.asarray(vectors, dtype=np.float32)
 
@@ -73,18 +96,28 @@ def load_model(model: str, device: str, served_name: str | None) -> LoadedModel:
     encoder = SentenceTransformer(path, device=chosen)
     if chosen.startswith("cuda"):
         encoder.half()
-    dim = (
-        encoder.get_embedding_dimension()
-        if hasattr(encoder, "get_embedding_dimension")
-        else encoder.get_sentence_embedding_dimension()
+    encoder.eval()
+    get_dim = (
+        getattr(encoder, "get_embedding_dimension", None)
+        or encoder.get_sentence_embedding_dimension
     )
     loaded = LoadedModel(
         encoder=encoder,
         name=served_name or Path(model).name or model,
-        dimension=int(dim),
+        dimension=int(get_dim()),
         max_seq_length=int(encoder.max_seq_length),
         device=chosen,
+        prompts={k: v for k, v in (getattr(encoder, "prompts", None) or {}).items() if v},
     )
-    loaded.encode(["warm-up"], batch_size=1)
-    logger.info("embedding model %s loaded on %s (dim %d)", loaded.name, chosen, loaded.dimension)
+    # Warm-up: the first forward pass allocates and picks kernels; do it before /readyz.
+    warm = loaded.tokenize(["warm-up"] * 4, truncate=True)
+    extra = [{k: warm[k][i] for k in warm if k != "input_ids"} for i in range(4)]
+    loaded.forward_tokens(warm["input_ids"], extra)
+    logger.info(
+        "embedding model %s loaded on %s (dim %d, window %d tokens)",
+        loaded.name,
+        chosen,
+        loaded.dimension,
+        loaded.max_seq_length,
+    )
     return loaded

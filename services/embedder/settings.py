@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -16,7 +17,19 @@ class EmbedderSettings(ServiceSettings):
     # production sets e.g. thenlper/gte-base with weights baked into the image.
     model: str = BUNDLED_MODEL
     served_model_name: str | None = None
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto (CUDA in fp16 when present, else CPU) | cpu | cuda | cuda:N
+    # Matryoshka-trained models can be cut to these sizes with `dimensions`; others cannot.
+    matryoshka_dims: list[int] = Field(default_factory=list)
+
+    # Limits per request.
     max_inputs_per_request: int = 256
     max_input_chars: int = 32_768
-    batch_size: int = 32
+    max_body_bytes: int = 4 * 1024 * 1024
+    truncate: bool = True  # inputs over the model's window: truncate, or answer 400
+
+    # Dynamic batching across requests.
+    max_batch_size: int = 64  # inputs in one forward pass
+    # Padded tokens (inputs x longest) in one forward pass; default 16384 on GPU, 2048 on CPU.
+    max_batch_tokens: int | None = None
+    batch_wait_ms: float = 0.0  # wait this long after an idle spell for a burst to arrive
+    max_queued_inputs: int = 2048  # beyond this, 429 with Retry-After

@@ -13,7 +13,7 @@ from fastapi import FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from services.common.errors import ERROR_RESPONSES, APIError, install_error_handlers
-from services.common.http import make_client
+from services.common.http import make_client, read_capped_body
 from services.common.observability import install_observability
 from services.gateway.auth import CognitoVerifier, JwksCache
 from services.gateway.chat import ChatRequest, chat_completion
@@ -22,19 +22,6 @@ from services.gateway.settings import GatewaySettings
 from services.gateway.upstream import RetrieverClient, relay, unavailable
 
 logger = logging.getLogger(__name__)
-
-
-async def _read_capped(request: Request, limit: int) -> bytes:
-    """Read the body, answering 413 as soon as it passes limit bytes."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body is larger than {limit} bytes", code="too_large")
-    body = bytearray()
-    async for part in request.stream():
-        body.extend(part)
-        if len(body) > limit:
-            raise APIError(413, f"request body is larger than {limit} bytes", code="too_large")
-    return bytes(body)
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -94,7 +81,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def create_chat_completion(request: Request, user: User) -> Response:
-        raw = await _read_capped(request, settings.max_body_bytes)
+        raw = await read_capped_body(request, settings.max_body_bytes)
         try:
             body = ChatRequest.model_validate_json(raw)
         except ValueError as exc:
@@ -110,7 +97,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         content_type = request.headers.get("content-type", "")
         if not content_type.startswith(("multipart/form-data", "application/json")):
             raise APIError(415, "send multipart/form-data (file) or application/json (text)")
-        raw = await _read_capped(request, settings.max_upload_bytes + 64 * 1024)
+        raw = await read_capped_body(request, settings.max_upload_bytes + 64 * 1024)
         resp = await request.app.state.retriever.request(
             "POST", "/documents", user.sub, content=raw, headers={"Content-Type": content_type}
         )
@@ -146,7 +133,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.post("/v1/search", responses=ERROR_RESPONSES)
     async def search(request: Request, user: User) -> Response:
-        raw = await _read_capped(request, settings.max_body_bytes)
+        raw = await read_capped_body(request, settings.max_body_bytes)
         resp = await request.app.state.retriever.request(
             "POST", "/search", user.sub, content=raw, headers={"Content-Type": "application/json"}
         )

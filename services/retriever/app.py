@@ -238,7 +238,7 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
         rankings = []
         if body.mode in ("vector", "hybrid"):
             try:
-                vector = (await request.app.state.embedder.embed([body.query]))[0]
+                vector = (await request.app.state.embedder.embed([body.query], "query"))[0]
             except EmbedderUnavailable as exc:
                 raise APIError(
                     503,

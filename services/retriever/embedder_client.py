@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 
@@ -43,13 +44,17 @@ class EmbedderClient:
                     ) from exc
                 await asyncio.sleep(0.5)
 
-    async def embed(self, texts: list[str]) -> np.ndarray:
+    async def embed(self, texts: list[str], input_type: str = "passage") -> np.ndarray:
+        """Vectors for passages (ingestion) or a query (search)."""
+        body = {"input": texts, "encoding_format": "base64", "input_type": input_type}
         try:
-            resp = await self._http.post("/v1/embeddings", json={"input": texts})
+            resp = await self._http.post("/v1/embeddings", json=body)
         except httpx.HTTPError as exc:
             raise EmbedderUnavailable("the embedder is unreachable") from exc
         if resp.status_code in (429, 503) or resp.status_code >= 500:
             raise EmbedderUnavailable(f"the embedder answered {resp.status_code}")
         resp.raise_for_status()
         data = sorted(resp.json()["data"], key=lambda item: item["index"])
-        return np.asarray([item["embedding"] for item in data], dtype=np.float32)
+        return np.stack(
+            [np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4") for item in data]
+        )
