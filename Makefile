@@ -38,6 +38,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix services ragctl tests benchmarks
 
 bench: $(STAMP)
+	$(PY) benchmarks/bench_embedder.py
 	$(PY) benchmarks/bench_chat.py
 
 clean:
