@@ -20,6 +20,7 @@ class ServiceSettings(BaseSettings):
     port: int = 8000
     log_level: str = "info"
     log_json: bool = True
+    drain_timeout_s: float = 10.0  # on SIGTERM, in-flight requests get this long to finish
 
 
 class InternalAuthSettings(ServiceSettings):

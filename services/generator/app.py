@@ -12,14 +12,17 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import Gauge
 
 from services.common.errors import ERROR_RESPONSES, APIError, install_error_handlers
 from services.common.http import make_client
 from services.common.observability import install_observability
-from services.generator.llamacpp import LlamaCppEngine
+from services.generator.engines import make_engine
 from services.generator.settings import GeneratorSettings
 
 logger = logging.getLogger(__name__)
+
+IN_FLIGHT = Gauge("generator_requests_in_flight", "Requests at the engine or waiting for it")
 
 
 def _upstream_error(status: int, body: bytes) -> APIError:
@@ -39,12 +42,23 @@ def _upstream_error(status: int, body: bytes) -> APIError:
 def create_app(settings: GeneratorSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = LlamaCppEngine(settings)
+        engine = make_engine(settings)
         app.state.engine_ready = False
-        app.state.client = make_client(engine.base_url, timeout=settings.request_timeout_s)
+        app.state.engine_error = None
+        app.state.in_flight = 0
+        app.state.client = make_client(
+            engine.base_url,
+            timeout=settings.request_timeout_s,
+            max_connections=settings.engine_concurrency + settings.max_queued_requests + 8,
+        )
 
         async def _start() -> None:
-            await asyncio.to_thread(engine.start)
+            try:
+                await asyncio.to_thread(engine.start)
+            except Exception:
+                logger.exception("the inference engine failed to start")
+                app.state.engine_error = "engine failed to start"
+                return
             app.state.engine_ready = True
 
         starting = asyncio.create_task(_start())
@@ -54,15 +68,18 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
             await app.state.client.aclose()
             if not starting.done():
                 await asyncio.wait([starting])
-            engine.stop()
+            await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="RAG generator", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
 
     async def engine_ready() -> str | None:
-        return None if app.state.engine_ready else "model loading"
+        if app.state.engine_ready:
+            return None
+        return app.state.engine_error or "model loading"
 
     install_observability(app, "generator", {"engine": engine_ready})
+    limit = settings.engine_concurrency + settings.max_queued_requests
 
     def client(request: Request) -> httpx.AsyncClient:
         if not request.app.state.engine_ready:
@@ -71,6 +88,13 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
                 "the model is still loading",
                 code="model_loading",
                 headers={"Retry-After": "5"},
+            )
+        if request.app.state.in_flight >= limit:
+            raise APIError(
+                429,
+                f"{limit} requests are in progress or queued; retry shortly",
+                code="overloaded",
+                headers={"Retry-After": "1"},
             )
         return request.app.state.client
 
@@ -83,28 +107,42 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
         if not isinstance(payload, dict):
             raise APIError(400, "request body must be a JSON object")
         payload["model"] = settings.served_model_name
-        upstream = http.build_request("POST", path, json=payload)
+        state = request.app.state
+        state.in_flight += 1
+        IN_FLIGHT.set(state.in_flight)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                state.in_flight -= 1
+                IN_FLIGHT.set(state.in_flight)
+
         try:
-            resp = await http.send(upstream, stream=True)
+            resp = await http.send(http.build_request("POST", path, json=payload), stream=True)
         except httpx.HTTPError as exc:
+            release()
             raise APIError(503, "the inference engine is unavailable", code="engine_down") from exc
-        if resp.status_code != 200:
-            body = await resp.aread()
-            await resp.aclose()
-            raise _upstream_error(resp.status_code, body)
-        if not payload.get("stream"):
-            body = await resp.aread()
-            await resp.aclose()
+        if resp.status_code != 200 or not payload.get("stream"):
+            try:
+                body = await resp.aread()
+            finally:
+                await resp.aclose()
+                release()
+            if resp.status_code != 200:
+                raise _upstream_error(resp.status_code, body)
             return Response(body, media_type="application/json")
 
         async def relay() -> AsyncIterator[bytes]:
-            # Closing the upstream response when the client goes away makes
-            # llama.cpp cancel the generation and free the slot.
+            # Closing the upstream response when the client goes away makes the engine
+            # cancel the generation and free its slot.
             try:
                 async for chunk in resp.aiter_raw():
                     yield chunk
             finally:
                 await resp.aclose()
+                release()
 
         return StreamingResponse(
             relay(),
@@ -130,7 +168,9 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
                         "id": settings.served_model_name,
                         "object": "model",
                         "owned_by": "ragplatform",
-                        "context_length": settings.ctx_per_slot,
+                        "context_length": settings.ctx_per_slot
+                        if settings.engine == "llamacpp"
+                        else settings.max_model_len,
                     }
                 ],
             }

