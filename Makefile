@@ -39,6 +39,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_embedder.py
+	$(PY) benchmarks/bench_generator.py
 	$(PY) benchmarks/bench_chat.py
 
 clean:
