@@ -67,7 +67,7 @@ def round_of(url: str, concurrency: int, max_tokens: int, ids: count) -> dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
     port, engine_port = free_port(), free_port()
@@ -78,7 +78,12 @@ def main() -> None:
         "GENERATOR_PARALLEL": "8",
         "GENERATOR_LOG_LEVEL": "warning",
     }
-    proc = subprocess.Popen([sys.executable, "-m", "services.generator"], env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.generator"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         launcher = f"http://127.0.0.1:{port}"
         for _ in range(600):
