@@ -275,3 +275,11 @@ def test_ray_serve_configs_validate_and_match() -> None:
     assert built["applications"][0]["import_path"] == "ray.serve.llm:build_openai_app"
     embedder = yaml.safe_load((REPO / "deploy" / "ray" / "embedder.yaml").read_text())
     ServeDeploySchema.model_validate(embedder)
+
+
+async def test_engine_client_reports_a_dead_engine_as_unavailable() -> None:
+    from services.generator.relay import EngineClient, EngineUnavailable
+
+    client = EngineClient("127.0.0.1", free_port())  # nothing listens there
+    with pytest.raises(EngineUnavailable):
+        await client.post("/v1/chat/completions", {"messages": []})

@@ -9,15 +9,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import Gauge
 
 from services.common.errors import ERROR_RESPONSES, APIError, install_error_handlers
-from services.common.http import make_client
 from services.common.observability import install_observability
 from services.generator.engines import make_engine
+from services.generator.relay import EngineClient, EngineUnavailable
 from services.generator.settings import GeneratorSettings
 
 logger = logging.getLogger(__name__)
@@ -46,11 +45,7 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
         app.state.engine_ready = False
         app.state.engine_error = None
         app.state.in_flight = 0
-        app.state.client = make_client(
-            engine.base_url,
-            timeout=settings.request_timeout_s,
-            max_connections=settings.engine_concurrency + settings.max_queued_requests + 8,
-        )
+        app.state.client = EngineClient("127.0.0.1", engine.port)
 
         async def _start() -> None:
             try:
@@ -81,7 +76,7 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
     install_observability(app, "generator", {"engine": engine_ready})
     limit = settings.engine_concurrency + settings.max_queued_requests
 
-    def client(request: Request) -> httpx.AsyncClient:
+    def client(request: Request) -> EngineClient:
         if not request.app.state.engine_ready:
             raise APIError(
                 503,
@@ -120,8 +115,8 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
                 IN_FLIGHT.set(state.in_flight)
 
         try:
-            resp = await http.send(http.build_request("POST", path, json=payload), stream=True)
-        except httpx.HTTPError as exc:
+            resp = await asyncio.wait_for(http.post(path, payload), settings.request_timeout_s)
+        except (EngineUnavailable, TimeoutError) as exc:
             release()
             raise APIError(503, "the inference engine is unavailable", code="engine_down") from exc
         if resp.status_code != 200 or not payload.get("stream"):
@@ -138,7 +133,7 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
             # Closing the upstream response when the client goes away makes the engine
             # cancel the generation and free its slot.
             try:
-                async for chunk in resp.aiter_raw():
+                async for chunk in resp.aiter_bytes():
                     yield chunk
             finally:
                 await resp.aclose()

@@ -46,6 +46,7 @@ def free_port() -> int:
 
 
 class Engine(Protocol):
+    port: int  # on 127.0.0.1
     base_url: str
 
     def start(self) -> None:

@@ -1,0 +1,139 @@
+"""A lean HTTP/1.1 client for the hop to the engine on loopback.
+
+Every generated token crosses this hop as one SSE event, so its cost per event matters on
+a CPU host where the engine's threads want every core. This client parses responses with
+httptools (C) and hands body bytes through as they arrive, where a general-purpose client
+adds several layers of Python per event. Connections are kept alive and reused; a response
+that is not read to its end (the client went away) closes its connection, which makes the
+engine cancel the generation and free its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httptools
+
+
+class EngineUnavailable(Exception):
+    pass
+
+
+@dataclass
+class _Response:
+    status: int = 0
+    body: deque[bytes] = field(default_factory=deque)
+    headers_done: bool = False
+    complete: bool = False
+
+    # httptools callbacks
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
+
+    def on_body(self, data: bytes) -> None:
+        self.body.append(bytes(data))
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+class EngineResponse:
+    """A response whose body is read incrementally; call aclose() when done with it."""
+
+    def __init__(
+        self,
+        client: EngineClient,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        state: _Response,
+        parser: httptools.HttpResponseParser,
+    ) -> None:
+        self._client, self._reader, self._writer = client, reader, writer
+        self._state, self._parser = state, parser
+        self.status_code = state.status
+
+    async def _fill(self) -> bool:
+        data = await self._reader.read(65536)
+        if not data:
+            raise EngineUnavailable("the engine closed the connection")
+        self._parser.feed_data(data)
+        return True
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        while True:
+            while self._state.body:
+                yield self._state.body.popleft()
+            if self._state.complete:
+                return
+            await self._fill()
+
+    async def aread(self) -> bytes:
+        return b"".join([part async for part in self.aiter_bytes()])
+
+    async def aclose(self) -> None:
+        if self._state.complete and not self._state.body and self._parser.should_keep_alive():
+            self._client._release(self._reader, self._writer)
+        else:  # unread body: drop the connection, so the engine stops generating
+            self._writer.close()
+
+
+class EngineClient:
+    def __init__(self, host: str, port: int, max_idle: int = 64) -> None:
+        self.host, self.port = host, port
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._max_idle = max_idle
+
+    def _release(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._idle) < self._max_idle and not writer.is_closing():
+            self._idle.append((reader, writer))
+        else:
+            writer.close()
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+        while self._idle:
+            reader, writer = self._idle.pop()
+            if not writer.is_closing() and not reader.at_eof():
+                return reader, writer, True
+            writer.close()
+        try:
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+        except OSError as exc:
+            raise EngineUnavailable(str(exc)) from exc
+        return reader, writer, False
+
+    async def post(self, path: str, payload: dict[str, Any]) -> EngineResponse:
+        """Send a JSON POST; return once the response headers are in."""
+        body = json.dumps(payload).encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        for attempt in range(2):  # a reused keep-alive connection may have been closed
+            reader, writer, reused = await self._connect()
+            state = _Response()
+            parser = httptools.HttpResponseParser(state)
+            try:
+                writer.write(head.encode() + body)
+                while not state.headers_done:
+                    data = await reader.read(65536)
+                    if not data:
+                        raise ConnectionResetError("closed before the response")
+                    parser.feed_data(data)
+            except (OSError, httptools.HttpParserError) as exc:
+                writer.close()
+                if reused and attempt == 0:
+                    continue
+                raise EngineUnavailable(str(exc)) from exc
+            state.status = parser.get_status_code()
+            return EngineResponse(self, reader, writer, state, parser)
+        raise EngineUnavailable("no connection to the engine")
+
+    async def aclose(self) -> None:
+        for _, writer in self._idle:
+            writer.close()
+        self._idle.clear()
