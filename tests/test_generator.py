@@ -283,3 +283,10 @@ async def test_engine_client_reports_a_dead_engine_as_unavailable() -> None:
     client = EngineClient("127.0.0.1", free_port())  # nothing listens there
     with pytest.raises(EngineUnavailable):
         await client.post("/v1/chat/completions", {"messages": []})
+
+
+def test_legacy_completions_route(sdk: OpenAI) -> None:
+    result = sdk.completions.create(
+        model="any", prompt="The capital of France is", max_tokens=5, temperature=0
+    )
+    assert result.choices[0].text and result.usage.completion_tokens == 5
