@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,9 +18,12 @@ from typing import Any
 
 import httpx
 
-from ragctl.cli import ingest_paths, sample_paths
-from ragctl.stack import Ports, Stack
-from services.gateway import rag
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import report  # noqa: E402
+from ragctl.cli import ingest_paths, sample_paths  # noqa: E402
+from ragctl.stack import Ports, Stack  # noqa: E402
+from services.gateway import rag  # noqa: E402
 
 QUESTIONS = [
     "When is the diesel generator tested at Zephyr Station?",
@@ -71,10 +75,7 @@ def main() -> None:
             results = run(stack, args.rounds, args.max_tokens)
         finally:
             stack.stop()
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "bench_chat.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    report("bench_chat", results)
 
 
 def run(stack: Stack, rounds: int, max_tokens: int) -> dict[str, Any]:

@@ -27,8 +27,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import report  # noqa: E402
 from benchmarks.loadclient import encode_post, run_load  # noqa: E402
-from ragctl.stack import free_port  # noqa: E402
+from ragctl.stack import free_port, wait_ready  # noqa: E402
 
 SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact" / "corpus.jsonl"
 
@@ -58,15 +59,10 @@ def start_server() -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     env = {**os.environ, "EMBEDDER_PORT": str(port), "EMBEDDER_LOG_LEVEL": "warning"}
     proc = subprocess.Popen([sys.executable, "-m", "services.embedder"], env=env)
-    deadline = time.monotonic() + 180
-    while True:
-        assert time.monotonic() < deadline and proc.poll() is None, "embedder did not start"
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc, port
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    if not wait_ready(f"http://127.0.0.1:{port}", 180, proc):
+        proc.kill()
+        raise SystemExit("the embedder did not start")
+    return proc, port
 
 
 def histogram_mean(metrics: str, name: str) -> float:
@@ -164,10 +160,7 @@ def main() -> None:
         "source": source,
         **run(texts, args.concurrency, args.single, args.rounds),
     }
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "bench_embedder.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    report("bench_embedder", result)
 
 
 if __name__ == "__main__":

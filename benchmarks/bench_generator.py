@@ -9,7 +9,6 @@ Every request has its own prompt, so llama.cpp's prompt cache helps neither side
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -24,7 +23,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ragctl.stack import free_port  # noqa: E402
+from benchmarks.common import report  # noqa: E402
+from ragctl.stack import free_port, wait_ready  # noqa: E402
 
 TOPICS = ["a lighthouse", "the sea", "a mountain village", "a clockmaker", "winter", "a river"]
 
@@ -86,13 +86,8 @@ def main() -> None:
     )
     try:
         launcher = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                if httpx.get(f"{launcher}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        if not wait_ready(launcher, 300, proc):
+            raise SystemExit("the generator did not start")
         urls = {
             "direct": f"http://127.0.0.1:{engine_port}/v1/chat/completions",
             "launcher": f"{launcher}/v1/chat/completions",
@@ -123,10 +118,7 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(30)
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "bench_generator.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    report("bench_generator", results)
 
 
 if __name__ == "__main__":

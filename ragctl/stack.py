@@ -38,6 +38,21 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def wait_ready(
+    url: str, timeout_s: float, proc: subprocess.Popen[bytes] | subprocess.Popen[str] | None = None
+) -> bool:
+    """Poll url/readyz until it answers 200; False on timeout or when proc exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
+                return True
+        time.sleep(0.2)
+    return False
+
+
 @dataclass
 class Ports:
     gateway: int = 8000
@@ -190,17 +205,11 @@ class Stack:
         raise StackError(f"{name} did not open port {port}")
 
     def _wait_ready(self, name: str) -> None:
-        deadline = time.monotonic() + self.ready_timeout_s
-        url = f"{self.url(name)}/readyz"
-        while time.monotonic() < deadline:
+        if not wait_ready(self.url(name), self.ready_timeout_s, self.procs[name]):
             self._check_alive(name)
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url, timeout=2.0).status_code == 200:
-                    return
-            time.sleep(0.25)
-        raise StackError(
-            f"{name} was not ready after {self.ready_timeout_s:.0f}s:\n" + self.log_tail(name)
-        )
+            raise StackError(
+                f"{name} was not ready after {self.ready_timeout_s:.0f}s:\n" + self.log_tail(name)
+            )
 
     def dead_services(self) -> list[str]:
         return [name for name, proc in self.procs.items() if proc.poll() is not None]

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from openai import OpenAI
 
-from ragctl.stack import Stack, free_port
+from ragctl.stack import Stack, free_port, wait_ready
 from services.generator.app import create_app
 from services.generator.engines import ray_serve_config, vllm_command
 from services.generator.settings import GeneratorSettings
@@ -213,13 +213,7 @@ def test_sigterm_lets_in_flight_streams_finish(tmp_path: Path) -> None:
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        assert wait_ready(base, 60, proc)
         body = {
             "messages": [{"role": "user", "content": "Write a story."}],
             "max_tokens": 60,

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import yaml
 from openai import OpenAI
 
-from ragctl.stack import free_port
+from ragctl.stack import free_port, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,16 +47,8 @@ def serve_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, path.with_suffix(".log").read_text()[-3000:]
-            assert time.monotonic() < deadline, path.with_suffix(".log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        ready = wait_ready(url, 240, proc)
+        assert ready, path.with_suffix(".log").read_text()[-3000:]
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGINT)
