@@ -152,8 +152,15 @@ class Batcher:
         pool: list[_Item] = []
         while True:
             arrivals = self._take(wait=not pool)
-            if self._stopped:
+            if self._stopped:  # answer whatever is still waiting, then end
+                with self._cond:
+                    arrivals += list(self._arrivals)
+                self._fail(
+                    [item.job for item in pool] + arrivals,
+                    QueueFull("the embedder is shutting down"),
+                )
                 return
+            batch: list[_Item] = []
             try:
                 pool.extend(self._tokenize(arrivals))
                 if pool:
@@ -163,14 +170,18 @@ class Batcher:
                     self._forward(batch)
             except Exception:  # never kill the worker; fail the requests involved only
                 logger.exception("embedding batch failed")
-                failed = {id(item.job): item.job for item in pool} | {
-                    id(job): job for job in arrivals
-                }
-                for job in failed.values():
-                    _resolve(job, None, RuntimeError("embedding failed"))
+                self._fail(
+                    [item.job for item in pool + batch] + arrivals, RuntimeError("embedding failed")
+                )
                 pool = []
                 with self._cond:
-                    self._pending = sum(len(j.texts) for j in self._arrivals)
+                    self._pending = sum(len(job.texts) for job in self._arrivals)
+                    QUEUE_DEPTH.set(self._pending)
+
+    @staticmethod
+    def _fail(jobs: list[_Job], error: Exception) -> None:
+        for job in {id(job): job for job in jobs}.values():
+            _resolve(job, None, error)
 
     def _take(self, wait: bool) -> list[_Job]:
         """New requests; block for one when the pool is empty."""

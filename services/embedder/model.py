@@ -80,13 +80,6 @@ class LoadedModel:
             out = torch.nn.functional.normalize(out.float(), p=2, dim=1)
         return np.ascontiguousarray(out.cpu().numpy(), dtype=np.float32)
 
-    def encode(self, texts: list[str]) -> np.ndarray:
-        """The plain in-process path (sentence-transformers' own encode), for comparison."""
-        vectors = self.encoder.encode(
-            texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
-        )
-        return np.asarray(vectors, dtype=np.float32)
-
 
 def load_model(model: str, device: str, served_name: str | None) -> LoadedModel:
     from sentence_transformers import SentenceTransformer
