@@ -272,7 +272,7 @@ def test_ray_serve_configs_validate_and_match() -> None:
 
 
 async def test_engine_client_reports_a_dead_engine_as_unavailable() -> None:
-    from services.generator.relay import EngineClient, EngineUnavailable
+    from services.common.relay import EngineClient, EngineUnavailable
 
     client = EngineClient("127.0.0.1", free_port())  # nothing listens there
     with pytest.raises(EngineUnavailable):

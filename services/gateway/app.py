@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from services.common.errors import ERROR_RESPONSES, APIError, install_error_handlers
 from services.common.http import make_client, read_capped_body
 from services.common.observability import install_observability
+from services.common.relay import EngineClient
 from services.gateway.auth import CognitoVerifier, JwksCache
 from services.gateway.chat import ChatRequest, chat_completion
 from services.gateway.deps import User
@@ -42,11 +43,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         )
         app.state.retriever = RetrieverClient(retriever_http)
         app.state.generator = generator_http
+        app.state.generator_stream = EngineClient.from_url(settings.generator_url)
         try:
             yield
         finally:
             for client in (jwks_http, retriever_http, generator_http):
                 await client.aclose()
+            await app.state.generator_stream.aclose()
 
     app = FastAPI(
         title="RAG gateway",

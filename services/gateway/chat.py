@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -9,12 +10,12 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.errors import APIError
+from services.common.relay import EngineClient, EngineResponse, EngineUnavailable
 from services.gateway import rag
 from services.gateway.auth import Principal
 from services.gateway.settings import GatewaySettings
@@ -96,48 +97,79 @@ async def chat_completion(
     payload = _generator_payload(body, prompt, max_tokens)
     cites = rag.citations(passages)
 
-    generator: httpx.AsyncClient = request.app.state.generator
+    generator: EngineClient = request.app.state.generator_stream
     try:
-        resp = await generator.send(
-            generator.build_request("POST", "/v1/chat/completions", json=payload), stream=True
+        resp = await asyncio.wait_for(
+            generator.post("/v1/chat/completions", payload), settings.generator_timeout_s
         )
-    except httpx.HTTPError as exc:
+    except (EngineUnavailable, TimeoutError) as exc:
         raise unavailable("generator") from exc
-    if resp.status_code != 200:
-        await resp.aread()
-        await resp.aclose()
-        raise passthrough_error(resp, "generator")
-    if not body.stream:
+    if resp.status_code != 200 or not body.stream:
         try:
-            completion = json.loads(await resp.aread())
+            raw = await resp.aread()
         finally:
             await resp.aclose()
+        if resp.status_code != 200:
+            raise passthrough_error(resp.status_code, raw, "generator")
+        completion = json.loads(raw)
         completion.pop("timings", None)
         completion["citations"] = cites
         return JSONResponse(completion)
     return StreamingResponse(
-        _stream_with_citations(resp, cites),
+        _stream_with_citations(resp, cites, settings.sse_keepalive_s),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
+async def _sse_lines(resp: EngineResponse, keepalive_s: float) -> AsyncIterator[bytes | None]:
+    """The upstream's lines as they arrive; None whenever keepalive_s pass without one."""
+    chunks = resp.aiter_bytes()
+    pending: asyncio.Future[bytes] | None = None
+    buffer = b""
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(chunks))
+            done, _ = await asyncio.wait({pending}, timeout=keepalive_s)
+            if not done:
+                yield None
+                continue
+            task, pending = pending, None
+            try:
+                chunk = task.result()
+            except StopAsyncIteration:
+                return
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                yield line
+    finally:
+        if pending is not None:
+            pending.cancel()
+
+
 async def _stream_with_citations(
-    resp: httpx.Response, cites: list[dict[str, Any]]
+    resp: EngineResponse, cites: list[dict[str, Any]], keepalive_s: float
 ) -> AsyncIterator[bytes]:
-    """Relay the generator's SSE events; the last event before [DONE] carries the citations."""
+    """Relay the generator's SSE events; the last event before [DONE] carries the citations.
+    While the generator is silent (retrieval done, prompt still prefilling), SSE comments
+    keep proxies and clients from timing the stream out."""
     completion_id, model, created = f"chatcmpl-{uuid.uuid4().hex}", "", int(time.time())
     first = True
     try:
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:"):
+        async for line in _sse_lines(resp, keepalive_s):
+            if line is None:
+                yield b": keep-alive\n\n"
+                continue
+            if not line.startswith(b"data:"):
                 continue
             data = line[5:].strip()
-            if data == "[DONE]":
+            if data == b"[DONE]":
                 break
             # Relay events as they are; parse only the first (for id and model) and the one
             # with the engine's timings (dropped).
-            if first or '"timings"' in data:
+            if first or b'"timings"' in data:
                 try:
                     event = json.loads(data)
                 except ValueError:
@@ -146,8 +178,8 @@ async def _stream_with_citations(
                 model = event.get("model", model)
                 first = False
                 if event.pop("timings", None) is not None:
-                    data = json.dumps(event)
-            yield f"data: {data}\n\n".encode()
+                    data = json.dumps(event).encode()
+            yield b"data: " + data + b"\n\n"
         final = {
             "id": completion_id,
             "object": "chat.completion.chunk",
@@ -159,5 +191,6 @@ async def _stream_with_citations(
         yield f"data: {json.dumps(final)}\n\n".encode()
         yield b"data: [DONE]\n\n"
     finally:
-        # Runs when the client disconnects too: closing the upstream stream cancels generation.
+        # Runs when the client disconnects too: dropping the upstream connection cancels
+        # the generation.
         await resp.aclose()

@@ -29,3 +29,4 @@ class GatewaySettings(InternalAuthSettings):
     max_tokens_cap: int = 1024
     generator_context_tokens: int = 2048
     generator_timeout_s: float = 300.0
+    sse_keepalive_s: float = 10.0  # SSE comment after this long without an event

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -19,24 +20,26 @@ def unavailable(service: str) -> APIError:
     )
 
 
-def passthrough_error(resp: httpx.Response, service: str) -> APIError:
+def passthrough_error(
+    status: int, body: bytes, service: str, retry_after: str | None = None
+) -> APIError:
     """Re-raise an upstream error, keeping its envelope's message when it has one."""
     try:
-        detail = resp.json()["error"]
+        detail = json.loads(body)["error"]
         message, code, param = str(detail["message"]), detail.get("code"), detail.get("param")
     except (ValueError, KeyError, TypeError):
         message, code, param = f"the {service} rejected the request", None, None
-    if resp.status_code == 503:
+    if status == 503:
         # e.g. the retriever's own dependency (the embedder) is down: say which.
         return APIError(
             503,
             message,
             code=code or f"{service}_unavailable",
-            headers={"Retry-After": resp.headers.get("retry-after", "5")},
+            headers={"Retry-After": retry_after or "5"},
         )
-    if resp.status_code >= 500:
+    if status >= 500:
         return APIError(502, f"the {service} failed", code=f"{service}_error")
-    return APIError(resp.status_code, message, code=code, param=param)
+    return APIError(status, message, code=code, param=param)
 
 
 class RetrieverClient:
@@ -66,7 +69,9 @@ class RetrieverClient:
         except httpx.HTTPError as exc:
             raise unavailable("retriever") from exc
         if resp.status_code >= 400:
-            raise passthrough_error(resp, "retriever")
+            raise passthrough_error(
+                resp.status_code, resp.content, "retriever", resp.headers.get("retry-after")
+            )
         return resp
 
     async def search(self, tenant: str, body: dict[str, Any]) -> list[dict[str, Any]]:

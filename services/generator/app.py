@@ -15,8 +15,8 @@ from prometheus_client import Gauge
 
 from services.common.errors import ERROR_RESPONSES, APIError, install_error_handlers
 from services.common.observability import install_observability
+from services.common.relay import EngineClient, EngineUnavailable
 from services.generator.engines import make_engine
-from services.generator.relay import EngineClient, EngineUnavailable
 from services.generator.settings import GeneratorSettings
 
 logger = logging.getLogger(__name__)

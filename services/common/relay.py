@@ -1,11 +1,12 @@
-"""A lean HTTP/1.1 client for the hop to the engine on loopback.
+"""A lean HTTP/1.1 client for streaming hops between services (gateway -> generator ->
+engine).
 
-Every generated token crosses this hop as one SSE event, so its cost per event matters on
-a CPU host where the engine's threads want every core. This client parses responses with
+Every generated token crosses these hops as one SSE event, so the cost per event matters
+on a CPU host where the engine's threads want every core. This client parses responses with
 httptools (C) and hands body bytes through as they arrive, where a general-purpose client
 adds several layers of Python per event. Connections are kept alive and reused; a response
 that is not read to its end (the client went away) closes its connection, which makes the
-engine cancel the generation and free its slot.
+engine cancel the generation and free its slot. Plain HTTP only: internal hops.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httptools
+
+from services.common.observability import request_id_var
 
 
 class EngineUnavailable(Exception):
@@ -85,6 +89,7 @@ class EngineResponse:
 class EngineClient:
     def __init__(self, host: str, port: int, max_idle: int = 64) -> None:
         self.host, self.port = host, port
+        self.url = f"http://{host}:{port}"
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self._max_idle = max_idle
 
@@ -106,11 +111,20 @@ class EngineClient:
             raise EngineUnavailable(str(exc)) from exc
         return reader, writer, False
 
+    @classmethod
+    def from_url(cls, url: str) -> EngineClient:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"need an http://host:port URL, not {url!r}")
+        return cls(parts.hostname, parts.port or 80)
+
     async def post(self, path: str, payload: dict[str, Any]) -> EngineResponse:
-        """Send a JSON POST; return once the response headers are in."""
+        """Send a JSON POST (with the request id); return once the response headers are in."""
         body = json.dumps(payload).encode()
+        rid = request_id_var.get()
+        extra = f"X-Request-Id: {rid}\r\n" if rid != "-" else ""
         head = (
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{extra}"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
         )
         for attempt in range(2):  # a reused keep-alive connection may have been closed
