@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from services.common.observability import request_id_var
 
@@ -60,6 +62,7 @@ class EngineResponse:
         self._client, self._reader, self._writer = client, reader, writer
         self._state, self._parser = state, parser
         self.status_code = state.status
+        self._closed = False
 
     async def _fill(self) -> bool:
         data = await self._reader.read(65536)
@@ -80,6 +83,10 @@ class EngineResponse:
         return b"".join([part async for part in self.aiter_bytes()])
 
     async def aclose(self) -> None:
+        """Idempotent: a read-to-the-end response returns its connection to the pool."""
+        if self._closed:
+            return
+        self._closed = True
         if self._state.complete and not self._state.body and self._parser.should_keep_alive():
             self._client._release(self._reader, self._writer)
         else:  # unread body: drop the connection, so the engine stops generating
@@ -151,3 +158,25 @@ class EngineClient:
         for _, writer in self._idle:
             writer.close()
         self._idle.clear()
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A streaming response that runs `on_close` however it ends, even when the client is
+    gone before the body generator ever started (its own `finally` would not run then)."""
+
+    def __init__(
+        self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]], **kwargs: Any
+    ) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            **kwargs,
+        )
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()

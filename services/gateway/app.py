@@ -19,6 +19,7 @@ from services.common.relay import EngineClient
 from services.gateway.auth import CognitoVerifier, JwksCache
 from services.gateway.chat import ChatRequest, chat_completion
 from services.gateway.deps import User
+from services.gateway.limits import RateLimiter
 from services.gateway.settings import GatewaySettings
 from services.gateway.upstream import RetrieverClient, relay, unavailable
 
@@ -59,6 +60,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         "Authenticate with an Amazon Cognito access token: `Authorization: Bearer <token>`.",
     )
     install_error_handlers(app)
+    app.state.settings = settings
+    app.state.limiter = RateLimiter(
+        settings.rate_limit_per_minute, settings.rate_limit_burst, settings.max_concurrent_streams
+    )
 
     def _dependency_check(client_attr: str) -> Any:
         async def check() -> str | None:

@@ -11,13 +11,19 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.errors import APIError
-from services.common.relay import EngineClient, EngineResponse, EngineUnavailable
+from services.common.relay import (
+    ClosingStreamingResponse,
+    EngineClient,
+    EngineResponse,
+    EngineUnavailable,
+)
 from services.gateway import rag
 from services.gateway.auth import Principal
+from services.gateway.limits import RateLimiter
 from services.gateway.settings import GatewaySettings
 from services.gateway.upstream import RetrieverClient, passthrough_error, unavailable
 
@@ -98,27 +104,36 @@ async def chat_completion(
     cites = rag.citations(passages)
 
     generator: EngineClient = request.app.state.generator_stream
+    limiter: RateLimiter = request.app.state.limiter
+    limiter.open_stream(user.sub)
     try:
         resp = await asyncio.wait_for(
             generator.post("/v1/chat/completions", payload), settings.generator_timeout_s
         )
     except (EngineUnavailable, TimeoutError) as exc:
+        limiter.close_stream(user.sub)
         raise unavailable("generator") from exc
     if resp.status_code != 200 or not body.stream:
         try:
             raw = await resp.aread()
         finally:
             await resp.aclose()
+            limiter.close_stream(user.sub)
         if resp.status_code != 200:
             raise passthrough_error(resp.status_code, raw, "generator")
         completion = json.loads(raw)
         completion.pop("timings", None)
         completion["citations"] = cites
         return JSONResponse(completion)
-    return StreamingResponse(
-        _stream_with_citations(resp, cites, settings.sse_keepalive_s),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+
+    async def close() -> None:
+        # However the stream ends (client gone included): drop the upstream connection,
+        # which cancels the generation, and give the user's stream slot back.
+        await resp.aclose()
+        limiter.close_stream(user.sub)
+
+    return ClosingStreamingResponse(
+        _stream_with_citations(resp, cites, settings.sse_keepalive_s), on_close=close
     )
 
 
@@ -150,47 +165,44 @@ async def _sse_lines(resp: EngineResponse, keepalive_s: float) -> AsyncIterator[
 
 
 async def _stream_with_citations(
-    resp: EngineResponse, cites: list[dict[str, Any]], keepalive_s: float
+    resp: EngineResponse,
+    cites: list[dict[str, Any]],
+    keepalive_s: float,
 ) -> AsyncIterator[bytes]:
     """Relay the generator's SSE events; the last event before [DONE] carries the citations.
     While the generator is silent (retrieval done, prompt still prefilling), SSE comments
     keep proxies and clients from timing the stream out."""
     completion_id, model, created = f"chatcmpl-{uuid.uuid4().hex}", "", int(time.time())
     first = True
-    try:
-        async for line in _sse_lines(resp, keepalive_s):
-            if line is None:
-                yield b": keep-alive\n\n"
+    async for line in _sse_lines(resp, keepalive_s):
+        if line is None:
+            yield b": keep-alive\n\n"
+            continue
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            break
+        # Relay events as they are; parse only the first (for id and model) and the one
+        # with the engine's timings (dropped).
+        if first or b'"timings"' in data:
+            try:
+                event = json.loads(data)
+            except ValueError:
                 continue
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                break
-            # Relay events as they are; parse only the first (for id and model) and the one
-            # with the engine's timings (dropped).
-            if first or b'"timings"' in data:
-                try:
-                    event = json.loads(data)
-                except ValueError:
-                    continue
-                completion_id = event.get("id", completion_id)
-                model = event.get("model", model)
-                first = False
-                if event.pop("timings", None) is not None:
-                    data = json.dumps(event).encode()
-            yield b"data: " + data + b"\n\n"
-        final = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [],
-            "citations": cites,
-        }
-        yield f"data: {json.dumps(final)}\n\n".encode()
-        yield b"data: [DONE]\n\n"
-    finally:
-        # Runs when the client disconnects too: dropping the upstream connection cancels
-        # the generation.
-        await resp.aclose()
+            completion_id = event.get("id", completion_id)
+            model = event.get("model", model)
+            first = False
+            if event.pop("timings", None) is not None:
+                data = json.dumps(event).encode()
+        yield b"data: " + data + b"\n\n"
+    final = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "citations": cites,
+    }
+    yield f"data: {json.dumps(final)}\n\n".encode()
+    yield b"data: [DONE]\n\n"

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from services.common.errors import APIError
 from services.gateway.auth import CognitoVerifier, Principal, unauthorized
 
 
@@ -18,7 +19,19 @@ async def current_user(
     if scheme.lower() != "bearer" or not token.strip():
         raise unauthorized("authorization must be a bearer token")
     verifier: CognitoVerifier = request.app.state.verifier
-    return await verifier.verify(token.strip())
+    principal = await verifier.verify(token.strip())
+    settings = request.app.state.settings
+    if settings.required_groups and not set(settings.required_groups) & set(principal.groups):
+        raise APIError(403, "the token's user is not in a group allowed here", code="forbidden")
+    if settings.required_scopes and not set(settings.required_scopes) & set(principal.scopes):
+        raise APIError(
+            403,
+            "the token lacks a scope allowed here",
+            code="insufficient_scope",
+            headers={"WWW-Authenticate": 'Bearer error="insufficient_scope"'},
+        )
+    request.app.state.limiter.check(principal.sub)
+    return principal
 
 
 User = Annotated[Principal, Depends(current_user)]

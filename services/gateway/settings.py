@@ -18,6 +18,12 @@ class GatewaySettings(InternalAuthSettings):
     cognito_client_id: str
     token_use: Literal["access", "id"] = "access"
     jwks_refresh_penalty_s: float = 30.0
+    required_groups: list[str] = []  # when set, the token needs one of these cognito:groups
+    required_scopes: list[str] = []  # when set, the token needs one of these scopes
+
+    rate_limit_per_minute: float = 120.0  # per user, token bucket
+    rate_limit_burst: int = 30
+    max_concurrent_streams: int = 4  # chat completions in progress per user
 
     retriever_url: str = "http://127.0.0.1:8001"
     generator_url: str = "http://127.0.0.1:8003"

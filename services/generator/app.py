@@ -10,12 +10,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import Gauge
 
 from services.common.errors import ERROR_RESPONSES, APIError, install_error_handlers
 from services.common.observability import install_observability
-from services.common.relay import EngineClient, EngineUnavailable
+from services.common.relay import ClosingStreamingResponse, EngineClient, EngineUnavailable
 from services.generator.engines import make_engine
 from services.generator.settings import GeneratorSettings
 
@@ -129,21 +129,13 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
                 raise _upstream_error(resp.status_code, body)
             return Response(body, media_type="application/json")
 
-        async def relay() -> AsyncIterator[bytes]:
-            # Closing the upstream response when the client goes away makes the engine
+        async def close() -> None:
+            # Dropping the upstream connection when the client goes away makes the engine
             # cancel the generation and free its slot.
-            try:
-                async for chunk in resp.aiter_bytes():
-                    yield chunk
-            finally:
-                await resp.aclose()
-                release()
+            await resp.aclose()
+            release()
 
-        return StreamingResponse(
-            relay(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return ClosingStreamingResponse(resp.aiter_bytes(), on_close=close)
 
     @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat_completions(request: Request) -> Response:
