@@ -82,6 +82,7 @@ class Stack:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     pool: LocalPool | None = None
     password: str | None = None
+    service_token: str | None = None
     _pg: object | None = None
 
     def url(self, service: str) -> str:
@@ -129,7 +130,7 @@ class Stack:
             "cognito", ["-m", "moto.server", "-H", self.host, "-p", str(self.ports.cognito)], {}
         )
         self._pg, database_url = start_embedded_postgres(self.home / "retriever")
-        service_token = secrets.token_urlsafe(24)
+        service_token = self.service_token = secrets.token_urlsafe(24)
         common = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         self._spawn(
             "embedder",
@@ -168,6 +169,9 @@ class Stack:
                 "GATEWAY_RETRIEVER_URL": self.url("retriever"),
                 "GATEWAY_GENERATOR_URL": self.url("generator"),
                 "GATEWAY_SERVICE_TOKEN": service_token,
+                # one developer, many scripted calls: roomier than the production default
+                "GATEWAY_RATE_LIMIT_PER_MINUTE": "600",
+                "GATEWAY_RATE_LIMIT_BURST": "100",
             },
         )
         for name in SERVICES:
