@@ -229,3 +229,19 @@ def test_retriever_rejects_calls_without_the_service_token(stack) -> None:
     )
     assert resp.status_code == 401
     assert resp.json()["error"]["code"] == "invalid_service_token"
+
+
+def test_follow_up_questions_retrieve_from_the_conversation(client: httpx.Client) -> None:
+    created = upload_text(client, "quokka-observatory.md", OBSERVATORY)
+    wait_until_ready(client, created["id"])
+    messages = [
+        {"role": "user", "content": "Tell me about the Quokka Valley Observatory."},
+        {"role": "assistant", "content": "Its main telescope is named Marisol."},
+        {"role": "user", "content": "And how much does a ticket cost?"},
+    ]
+    resp = client.post(
+        "/v1/chat/completions",
+        json={"messages": messages, "max_tokens": 16, "temperature": 0, "retrieval": {"k": 2}},
+    )
+    assert resp.status_code == 200, resp.text
+    assert created["id"] in [c["document_id"] for c in resp.json()["citations"]]

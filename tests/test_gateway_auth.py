@@ -320,3 +320,22 @@ async def test_max_tokens_over_the_cap_is_400(stack: Stack, idp: JwksServer, key
             json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 65},
         )
         assert resp.status_code == 400 and resp.json()["error"]["param"] == "max_tokens"
+
+
+async def test_quiet_streams_get_keep_alive_comments(
+    stack: Stack, idp: JwksServer, key: Key
+) -> None:
+    async with served(stack, idp, sse_keepalive_s=0.001) as client:
+        body = {
+            "messages": [{"role": "user", "content": "Say hello."}],
+            "stream": True,
+            "max_tokens": 8,
+            "retrieval": {"enabled": False},
+        }
+        async with client.stream(
+            "POST", "/v1/chat/completions", json=body, headers=bearer(key.sign(claims()))
+        ) as resp:
+            lines = [line async for line in resp.aiter_lines()]
+    assert ": keep-alive" in lines
+    assert lines[-2] == "data: [DONE]" or "data: [DONE]" in lines
+    assert any(line.startswith("data: {") and '"content"' in line for line in lines)

@@ -88,10 +88,13 @@ async def chat_completion(
     passages: list[dict[str, Any]] = []
     if body.retrieval.enabled and question:
         retriever: RetrieverClient = request.app.state.retriever
+        query = question
+        if settings.rewrite_questions and rag.has_history(messages):
+            query = await _standalone_query(request, messages, question, settings)
         hits = await retriever.search(
             user.sub,
             {
-                "query": question,
+                "query": query,
                 "k": body.retrieval.k or settings.rag_k,
                 "mode": body.retrieval.mode,
                 "document_ids": [str(d) for d in body.retrieval.document_ids],
@@ -135,6 +138,34 @@ async def chat_completion(
     return ClosingStreamingResponse(
         _stream_with_citations(resp, cites, settings.sse_keepalive_s), on_close=close
     )
+
+
+async def _standalone_query(
+    request: Request, messages: list[dict[str, Any]], question: str, settings: GatewaySettings
+) -> str:
+    """Rewrite a follow-up question from the conversation so retrieval knows what "it" is.
+    The question itself stays in the query; if the rewrite fails, the previous user turn
+    stands in for it."""
+    generator: EngineClient = request.app.state.generator_stream
+    payload = {
+        "messages": rag.rewrite_messages(messages, question),
+        "max_tokens": 48,
+        "temperature": 0,
+        "stream": False,
+    }
+    try:
+        resp = await asyncio.wait_for(
+            generator.post("/v1/chat/completions", payload), settings.rewrite_timeout_s
+        )
+        try:
+            raw = await asyncio.wait_for(resp.aread(), settings.rewrite_timeout_s)
+        finally:
+            await resp.aclose()
+        rewritten = json.loads(raw)["choices"][0]["message"]["content"].strip()
+    except (EngineUnavailable, TimeoutError, ValueError, KeyError, IndexError, TypeError):
+        logger.warning("question rewrite failed; using the conversation instead")
+        return rag.fallback_query(messages, question)
+    return f"{rewritten[:500]}\n{question}" if rewritten else rag.fallback_query(messages, question)
 
 
 async def _sse_lines(resp: EngineResponse, keepalive_s: float) -> AsyncIterator[bytes | None]:

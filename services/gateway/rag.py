@@ -21,6 +21,40 @@ def estimate_tokens(text: str) -> int:
     return int(len(text) / CHARS_PER_TOKEN) + 1
 
 
+REWRITE_PROMPT = (
+    "Rewrite the user's last question as one standalone search query that names what it "
+    "refers to. Reply with the query only."
+)
+
+
+def has_history(messages: list[dict[str, Any]]) -> bool:
+    return sum(1 for m in messages if m.get("role") in ("user", "assistant")) > 1
+
+
+def rewrite_messages(messages: list[dict[str, Any]], question: str) -> list[dict[str, Any]]:
+    """The prompt that turns a follow-up ("how large is its mirror?") into a search query."""
+    turns = [
+        m
+        for m in messages
+        if m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
+    ][:-1][-6:]
+    history = "\n".join(f"{m['role']}: {m['content'][:1000]}" for m in turns)
+    return [
+        {"role": "system", "content": REWRITE_PROMPT},
+        {"role": "user", "content": f"Conversation:\n{history}\n\nLast question: {question}"},
+    ]
+
+
+def fallback_query(messages: list[dict[str, Any]], question: str) -> str:
+    """Without a rewrite: the previous user turn and the question together."""
+    users = [
+        m["content"]
+        for m in messages
+        if m.get("role") == "user" and isinstance(m.get("content"), str)
+    ]
+    return "\n".join(users[-2:]) if len(users) > 1 else question
+
+
 def last_user_question(messages: list[dict[str, Any]]) -> str | None:
     for message in reversed(messages):
         if message.get("role") == "user" and isinstance(message.get("content"), str):

@@ -36,3 +36,5 @@ class GatewaySettings(InternalAuthSettings):
     generator_context_tokens: int = 2048
     generator_timeout_s: float = 300.0
     sse_keepalive_s: float = 10.0  # SSE comment after this long without an event
+    rewrite_questions: bool = True  # follow-ups become standalone queries before retrieval
+    rewrite_timeout_s: float = 15.0
