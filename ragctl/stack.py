@@ -176,19 +176,20 @@ class Stack:
         )
         for name in SERVICES:
             self._wait_ready(name)
-        self.state_file.write_text(
-            json.dumps(
-                {
-                    "gateway_url": self.url("gateway"),
-                    "cognito": self.pool.to_dict(),
-                    "username": DEV_USER,
-                    "password": self.password,
-                    "pid": os.getpid(),
-                },
-                indent=2,
-            )
+        state = json.dumps(
+            {
+                "gateway_url": self.url("gateway"),
+                "cognito": self.pool.to_dict(),
+                "username": DEV_USER,
+                "password": self.password,
+                "pid": os.getpid(),
+            },
+            indent=2,
         )
-        self.state_file.chmod(0o600)
+        # created owner-only: it holds the dev user's password
+        fd = os.open(self.state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(state)
 
     def _check_alive(self, name: str) -> None:
         proc = self.procs[name]

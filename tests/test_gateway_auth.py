@@ -87,6 +87,7 @@ class JwksServer:
 
     def close(self) -> None:
         self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -339,3 +340,14 @@ async def test_quiet_streams_get_keep_alive_comments(
     assert ": keep-alive" in lines
     assert lines[-2] == "data: [DONE]" or "data: [DONE]" in lines
     assert any(line.startswith("data: {") and '"content"' in line for line in lines)
+
+
+async def test_identity_provider_down_is_503_not_401(stack: Stack, key: Key) -> None:
+    down = JwksServer([key])
+    down.close()  # its port now refuses connections
+    async with gateway(stack, down) as client:
+        for _ in range(3):  # the first fetch fails, then the penalty window: still 503
+            resp = await client.get("/v1/documents", headers=bearer(key.sign(claims())))
+            assert resp.status_code == 503, resp.text
+            assert resp.json()["error"]["code"] == "jwks_unavailable"
+            assert int(resp.headers["retry-after"]) >= 1

@@ -64,12 +64,14 @@ class EngineResponse:
         self.status_code = state.status
         self._closed = False
 
-    async def _fill(self) -> bool:
-        data = await self._reader.read(65536)
-        if not data:
-            raise EngineUnavailable("the engine closed the connection")
-        self._parser.feed_data(data)
-        return True
+    async def _fill(self) -> None:
+        try:
+            data = await self._reader.read(65536)
+            if not data:
+                raise EngineUnavailable("the engine closed the connection")
+            self._parser.feed_data(data)
+        except (OSError, httptools.HttpParserError) as exc:
+            raise EngineUnavailable(str(exc)) from exc
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         while True:
@@ -150,6 +152,9 @@ class EngineClient:
                 if reused and attempt == 0:
                     continue
                 raise EngineUnavailable(str(exc)) from exc
+            except BaseException:  # cancelled (a timeout): the engine must see us leave
+                writer.close()
+                raise
             state.status = parser.get_status_code()
             return EngineResponse(self, reader, writer, state, parser)
         raise EngineUnavailable("no connection to the engine")

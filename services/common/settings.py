@@ -30,11 +30,12 @@ class InternalAuthSettings(ServiceSettings):
 
     @model_validator(mode="after")
     def _refuse_dev_secrets_in_prod(self) -> InternalAuthSettings:
-        if self.profile != "dev" and (
+        exposed = self.host not in ("127.0.0.1", "localhost", "::1")
+        if (self.profile != "dev" or exposed) and (
             self.service_token == DEV_SERVICE_TOKEN or len(self.service_token) < 16
         ):
             raise ValueError(
                 "service_token must be set to a secret of at least 16 characters "
-                "outside the dev profile"
+                "outside the dev profile and whenever the service listens beyond loopback"
             )
         return self

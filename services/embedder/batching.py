@@ -160,23 +160,31 @@ class Batcher:
                     QueueFull("the embedder is shutting down"),
                 )
                 return
-            batch: list[_Item] = []
             try:
                 pool.extend(self._tokenize(arrivals))
-                if pool:
-                    batch = self._pick(pool)
-                    taken = {id(item) for item in batch}
-                    pool = [item for item in pool if id(item) not in taken]
-                    self._forward(batch)
-            except Exception:  # never kill the worker; fail the requests involved only
+            except Exception:  # fail these new requests only
+                logger.exception("tokenization failed")
+                self._fail(arrivals, RuntimeError("embedding failed"))
+                self._recount(pool)
+                continue
+            if not pool:
+                continue
+            batch = self._pick(pool)
+            taken = {id(item) for item in batch}
+            pool = [item for item in pool if id(item) not in taken]
+            try:
+                self._forward(batch)
+            except Exception:  # fail the requests in this pass only; the rest go on
                 logger.exception("embedding batch failed")
-                self._fail(
-                    [item.job for item in pool + batch] + arrivals, RuntimeError("embedding failed")
-                )
-                pool = []
-                with self._cond:
-                    self._pending = sum(len(job.texts) for job in self._arrivals)
-                    QUEUE_DEPTH.set(self._pending)
+                failed = {id(item.job): item.job for item in batch}
+                self._fail(list(failed.values()), RuntimeError("embedding failed"))
+                pool = [item for item in pool if id(item.job) not in failed]
+                self._recount(pool)
+
+    def _recount(self, pool: list[_Item]) -> None:
+        with self._cond:
+            self._pending = len(pool) + sum(len(job.texts) for job in self._arrivals)
+            QUEUE_DEPTH.set(self._pending)
 
     @staticmethod
     def _fail(jobs: list[_Job], error: Exception) -> None:

@@ -47,6 +47,7 @@ class JwksCache:
         self._http = http
         self._keys: dict[str, dict[str, Any]] = {}
         self._last_fetch = float("-inf")
+        self._last_fetch_failed = False
         self._lock = asyncio.Lock()
 
     async def _fetch(self) -> None:
@@ -63,19 +64,27 @@ class JwksCache:
             if kid in self._keys:
                 return self._keys[kid]
             if time.monotonic() - self._last_fetch < self.penalty_s:
+                if self._last_fetch_failed:  # we could not check: not the token's fault
+                    raise self._unavailable()
                 return None  # an unknown kid does not trigger a fetch per request
             try:
                 await self._fetch()
-            except (httpx.HTTPError, ValueError) as exc:
+            except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
                 self._last_fetch = time.monotonic()
+                self._last_fetch_failed = True
                 logger.warning("JWKS fetch failed: %s", type(exc).__name__)
-                raise APIError(
-                    503,
-                    "the identity provider's keys are unavailable",
-                    code="jwks_unavailable",
-                    headers={"Retry-After": "5"},
-                ) from exc
+                raise self._unavailable() from exc
+            self._last_fetch_failed = False
             return self._keys.get(kid)
+
+    def _unavailable(self) -> APIError:
+        retry = max(1, int(self.penalty_s - (time.monotonic() - self._last_fetch)))
+        return APIError(
+            503,
+            "the identity provider's keys are unavailable",
+            code="jwks_unavailable",
+            headers={"Retry-After": str(retry)},
+        )
 
 
 class CognitoVerifier:
@@ -110,6 +119,8 @@ class CognitoVerifier:
                     "require_iat": False,
                     "require_sub": True,
                     "leeway": 0,
+                    # as aws-jwt-verify: at_hash ties an ID token to an access token we lack
+                    "verify_at_hash": False,
                 },
             )
         except ExpiredSignatureError as exc:

@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.common.errors import APIError
+from services.common.errors import APIError, error_body
 from services.common.relay import (
     ClosingStreamingResponse,
     EngineClient,
@@ -119,6 +119,8 @@ async def chat_completion(
     if resp.status_code != 200 or not body.stream:
         try:
             raw = await resp.aread()
+        except EngineUnavailable as exc:
+            raise unavailable("generator") from exc
         finally:
             await resp.aclose()
             limiter.close_stream(user.sub)
@@ -136,7 +138,8 @@ async def chat_completion(
         limiter.close_stream(user.sub)
 
     return ClosingStreamingResponse(
-        _stream_with_citations(resp, cites, settings.sse_keepalive_s), on_close=close
+        _stream_with_citations(resp, cites, settings.sse_keepalive_s, settings.generator_timeout_s),
+        on_close=close,
     )
 
 
@@ -168,19 +171,26 @@ async def _standalone_query(
     return f"{rewritten[:500]}\n{question}" if rewritten else rag.fallback_query(messages, question)
 
 
-async def _sse_lines(resp: EngineResponse, keepalive_s: float) -> AsyncIterator[bytes | None]:
-    """The upstream's lines as they arrive; None whenever keepalive_s pass without one."""
+async def _sse_lines(
+    resp: EngineResponse, keepalive_s: float, idle_timeout_s: float
+) -> AsyncIterator[bytes | None]:
+    """The upstream's lines as they arrive; None whenever keepalive_s pass without one.
+    Raises EngineUnavailable when nothing came for idle_timeout_s (a stalled engine)."""
     chunks = resp.aiter_bytes()
     pending: asyncio.Future[bytes] | None = None
     buffer = b""
+    last_data = time.monotonic()
     try:
         while True:
             if pending is None:
                 pending = asyncio.ensure_future(anext(chunks))
             done, _ = await asyncio.wait({pending}, timeout=keepalive_s)
             if not done:
+                if time.monotonic() - last_data > idle_timeout_s:
+                    raise EngineUnavailable("the generator sent nothing for too long")
                 yield None
                 continue
+            last_data = time.monotonic()
             task, pending = pending, None
             try:
                 chunk = task.result()
@@ -199,34 +209,45 @@ async def _stream_with_citations(
     resp: EngineResponse,
     cites: list[dict[str, Any]],
     keepalive_s: float,
+    idle_timeout_s: float,
 ) -> AsyncIterator[bytes]:
     """Relay the generator's SSE events; the last event before [DONE] carries the citations.
     While the generator is silent (retrieval done, prompt still prefilling), SSE comments
-    keep proxies and clients from timing the stream out."""
+    keep proxies and clients from timing the stream out. If the generator fails or stalls
+    mid-stream, an error event (OpenAI's shape) ends the stream instead of a cut."""
     completion_id, model, created = f"chatcmpl-{uuid.uuid4().hex}", "", int(time.time())
     first = True
-    async for line in _sse_lines(resp, keepalive_s):
-        if line is None:
-            yield b": keep-alive\n\n"
-            continue
-        if not line.startswith(b"data:"):
-            continue
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            break
-        # Relay events as they are; parse only the first (for id and model) and the one
-        # with the engine's timings (dropped).
-        if first or b'"timings"' in data:
-            try:
-                event = json.loads(data)
-            except ValueError:
+    try:
+        async for line in _sse_lines(resp, keepalive_s, idle_timeout_s):
+            if line is None:
+                yield b": keep-alive\n\n"
                 continue
-            completion_id = event.get("id", completion_id)
-            model = event.get("model", model)
-            first = False
-            if event.pop("timings", None) is not None:
-                data = json.dumps(event).encode()
-        yield b"data: " + data + b"\n\n"
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            # Relay events as they are; parse only the first (for id and model) and the one
+            # with the engine's timings (dropped).
+            if first or b'"timings"' in data:
+                try:
+                    event = json.loads(data)
+                except ValueError:
+                    continue
+                completion_id = event.get("id", completion_id)
+                model = event.get("model", model)
+                first = False
+                if event.pop("timings", None) is not None:
+                    data = json.dumps(event).encode()
+            yield b"data: " + data + b"\n\n"
+    except EngineUnavailable:
+        logger.warning("the generator failed mid-stream")
+        failure = error_body(
+            503, "the generator failed during the answer", code="generator_unavailable"
+        )
+        yield f"data: {json.dumps(failure)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+        return
     final = {
         "id": completion_id,
         "object": "chat.completion.chunk",

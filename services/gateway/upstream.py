@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import httpx
 from fastapi import Response
 
 from services.common.errors import APIError
+
+logger = logging.getLogger(__name__)
 
 
 def unavailable(service: str) -> APIError:
@@ -36,6 +39,13 @@ def passthrough_error(
             message,
             code=code or f"{service}_unavailable",
             headers={"Retry-After": retry_after or "5"},
+        )
+    if status in (401, 403):  # our own credentials, not the caller's: a server-side fault
+        logger.error("the %s refused the gateway's service credentials", service)
+        return APIError(502, f"the {service} failed", code=f"{service}_error")
+    if status == 429:
+        return APIError(
+            429, message, code=code or "overloaded", headers={"Retry-After": retry_after or "1"}
         )
     if status >= 500:
         return APIError(502, f"the {service} failed", code=f"{service}_error")

@@ -95,15 +95,8 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
 
     async def _forward(request: Request, path: str) -> Response:
         http = client(request)
-        try:
-            payload: dict[str, Any] = await request.json()
-        except ValueError as exc:
-            raise APIError(400, "request body must be JSON") from exc
-        if not isinstance(payload, dict):
-            raise APIError(400, "request body must be a JSON object")
-        payload["model"] = settings.served_model_name
         state = request.app.state
-        state.in_flight += 1
+        state.in_flight += 1  # counted before any await, so the bound holds under bursts
         IN_FLIGHT.set(state.in_flight)
         released = False
 
@@ -115,6 +108,16 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
                 IN_FLIGHT.set(state.in_flight)
 
         try:
+            payload: dict[str, Any] = await request.json()
+        except ValueError as exc:
+            release()
+            raise APIError(400, "request body must be JSON") from exc
+        if not isinstance(payload, dict):
+            release()
+            raise APIError(400, "request body must be a JSON object")
+        payload["model"] = settings.served_model_name
+
+        try:
             resp = await asyncio.wait_for(http.post(path, payload), settings.request_timeout_s)
         except (EngineUnavailable, TimeoutError) as exc:
             release()
@@ -122,6 +125,8 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
         if resp.status_code != 200 or not payload.get("stream"):
             try:
                 body = await resp.aread()
+            except EngineUnavailable as exc:
+                raise APIError(503, "the inference engine failed", code="engine_down") from exc
             finally:
                 await resp.aclose()
                 release()

@@ -98,7 +98,10 @@ class Ingestor:
                 raise
             except Exception:
                 logger.exception("ingestion of %s failed", doc_id)
-                await self.store.fail_document(doc_id, "internal error during ingestion")
+                try:
+                    await self.store.fail_document(doc_id, "internal error during ingestion")
+                except Exception:  # the database is away too: the document stays pending
+                    logger.exception("could not mark %s failed", doc_id)
             finally:
                 self.queue.task_done()
 

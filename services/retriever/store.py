@@ -38,7 +38,10 @@ class Store:
             await cur.execute(
                 f"INSERT INTO documents (id, user_id, title, media_type, metadata, body, "
                 f"content_hash) VALUES (%s, %s, %s, %s, %s, %s, %s) "
-                f"ON CONFLICT (user_id, content_hash) DO NOTHING RETURNING {DOC_COLUMNS}",
+                f"ON CONFLICT (user_id, content_hash) DO UPDATE SET status = 'pending', "
+                f"error = NULL, body = EXCLUDED.body, title = EXCLUDED.title, "
+                f"metadata = EXCLUDED.metadata, updated_at = now() "
+                f"WHERE documents.status = 'failed' RETURNING {DOC_COLUMNS}",
                 (uuid.uuid4(), user_id, title, media_type, Jsonb(metadata), body, content_hash),
             )
             row = await cur.fetchone()
