@@ -35,7 +35,13 @@ def sdk(stack: Stack) -> OpenAI:
     return OpenAI(base_url=f"{stack.url('generator')}/v1", api_key="unused", max_retries=0)
 
 
+# Reruns compared token for token must compute the same way: without llama.cpp's prompt
+# cache, a rerun does not reuse KV entries from a differently shaped batch.
+SAME_WAY = {"extra_body": {"cache_prompt": False}}
+
+
 def ask(sdk: OpenAI, content: str, **kwargs: object) -> str:
+    kwargs = {**SAME_WAY, **kwargs}
     result = sdk.chat.completions.create(
         model="any", messages=[{"role": "user", "content": content}], temperature=0, **kwargs
     )
@@ -43,6 +49,7 @@ def ask(sdk: OpenAI, content: str, **kwargs: object) -> str:
 
 
 def ask_streaming(sdk: OpenAI, content: str, **kwargs: object) -> tuple[str, set[str]]:
+    kwargs = {**SAME_WAY, **kwargs}
     text, ids = "", set()
     for chunk in sdk.chat.completions.create(
         model="any",
@@ -63,6 +70,7 @@ def test_stream_and_non_stream_agree_and_max_tokens_holds(sdk: OpenAI) -> None:
         messages=[{"role": "user", "content": "Tell me about the sea."}],
         temperature=0,
         max_tokens=12,
+        **SAME_WAY,
     )
     assert full.model == "smollm2-135m-instruct"
     assert full.usage.completion_tokens == 12 and full.choices[0].finish_reason == "length"
@@ -79,6 +87,7 @@ def test_stop_sequences_end_the_answer(sdk: OpenAI) -> None:
     free = ask(sdk, "Tell me about the sea.", max_tokens=30)
     stop_word = free.split()[4]
     cut = sdk.chat.completions.create(
+        **SAME_WAY,
         model="any",
         messages=[{"role": "user", "content": "Tell me about the sea."}],
         temperature=0,
@@ -91,13 +100,36 @@ def test_stop_sequences_end_the_answer(sdk: OpenAI) -> None:
 
 
 def test_concurrent_streams_each_get_their_own_answer(sdk: OpenAI) -> None:
+    """Four streams at once, each with its own prompt and its own length: every stream
+    carries one id, ends at its own max_tokens, and the answers are not mixed up.
+    (Exact text equality with solo runs is not a property of batched float math.)"""
     prompts = [f"Repeat this word exactly once and nothing else: {w}" for w in WORDS]
-    alone = [ask(sdk, p, max_tokens=12) for p in prompts]
+    lengths = [5, 7, 9, 11]
+
+    def run(i: int) -> tuple[list[str], set[str], str | None]:
+        pieces, ids, finish = [], set(), None
+        for chunk in sdk.chat.completions.create(
+            model="any",
+            messages=[{"role": "user", "content": prompts[i]}],
+            temperature=0,
+            stream=True,
+            max_tokens=lengths[i],
+            extra_body={"ignore_eos": True},
+        ):
+            ids.add(chunk.id)
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    pieces.append(choice.delta.content)
+                finish = choice.finish_reason or finish
+        return pieces, ids, finish
+
     with ThreadPoolExecutor(len(prompts)) as pool:
-        together = list(pool.map(lambda p: ask_streaming(sdk, p, max_tokens=12), prompts))
-    assert [text for text, _ in together] == alone
-    ids = [stream_ids for _, stream_ids in together]
-    assert all(len(i) == 1 for i in ids) and len(set.union(*ids)) == len(prompts)
+        results = list(pool.map(run, range(len(prompts))))
+    for (pieces, ids, finish), length in zip(results, lengths, strict=True):
+        assert len(ids) == 1 and finish == "length"
+        assert len(pieces) == length
+    assert len({next(iter(ids)) for _, ids, _ in results}) == len(prompts)
+    assert len({"".join(pieces) for pieces, _, _ in results}) == len(prompts)
 
 
 def test_prompt_over_the_context_is_a_clear_400(sdk: OpenAI) -> None:
