@@ -117,11 +117,9 @@ def claims(**overrides: Any) -> dict[str, Any]:
     return {k: v for k, v in base.items() if v is not None}
 
 
-@asynccontextmanager
-async def gateway(
-    stack: Stack, idp: JwksServer, **overrides: Any
-) -> AsyncIterator[httpx.AsyncClient]:
-    settings = GatewaySettings(
+def gateway_settings(stack: Stack, idp: JwksServer, **overrides: Any) -> GatewaySettings:
+    """A gateway trusting the test identity provider, in front of the stack's services."""
+    return GatewaySettings(
         cognito_issuer=ISSUER,
         cognito_jwks_url=idp.url,
         cognito_client_id=CLIENT,
@@ -130,6 +128,13 @@ async def gateway(
         service_token=stack.service_token,
         **overrides,
     )
+
+
+@asynccontextmanager
+async def gateway(
+    stack: Stack, idp: JwksServer, **overrides: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    settings = gateway_settings(stack, idp, **overrides)
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(
@@ -143,15 +148,7 @@ async def served(
     stack: Stack, idp: JwksServer, **overrides: Any
 ) -> AsyncIterator[httpx.AsyncClient]:
     """The gateway app on a real loopback HTTP server (uvicorn), for streaming tests."""
-    settings = GatewaySettings(
-        cognito_issuer=ISSUER,
-        cognito_jwks_url=idp.url,
-        cognito_client_id=CLIENT,
-        retriever_url=stack.url("retriever"),
-        generator_url=stack.url("generator"),
-        service_token=stack.service_token,
-        **overrides,
-    )
+    settings = gateway_settings(stack, idp, **overrides)
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(
