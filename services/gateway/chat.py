@@ -83,39 +83,13 @@ async def chat_completion(
         raise APIError(
             400, f"max_tokens must be at most {settings.max_tokens_cap}", param="max_tokens"
         )
-    messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    question = rag.last_user_question(messages)
-    passages: list[dict[str, Any]] = []
-    if body.retrieval.enabled and question:
-        retriever: RetrieverClient = request.app.state.retriever
-        query = question
-        if settings.rewrite_questions and rag.has_history(messages):
-            query = await _standalone_query(request, messages, question, settings)
-        hits = await retriever.search(
-            user.sub,
-            {
-                "query": query,
-                "k": body.retrieval.k or settings.rag_k,
-                "mode": body.retrieval.mode,
-                "document_ids": [str(d) for d in body.retrieval.document_ids],
-                "filters": {"metadata": body.retrieval.filters.get("metadata", {})},
-            },
-        )
-        passages = rag.fit_passages(hits, messages, settings.generator_context_tokens, max_tokens)
-    prompt = rag.build_messages(passages, messages) if body.retrieval.enabled else messages
-    payload = _generator_payload(body, prompt, max_tokens)
-    cites = rag.citations(passages)
-
-    generator: EngineClient = request.app.state.generator_stream
     limiter: RateLimiter = request.app.state.limiter
-    limiter.open_stream(user.sub)
+    limiter.open_stream(user.sub)  # before any work: a user over the cap costs nothing
     try:
-        resp = await asyncio.wait_for(
-            generator.post("/v1/chat/completions", payload), settings.generator_timeout_s
-        )
-    except (EngineUnavailable, TimeoutError) as exc:
+        resp, cites = await _start_generation(request, body, user, settings, max_tokens)
+    except BaseException:
         limiter.close_stream(user.sub)
-        raise unavailable("generator") from exc
+        raise
     if resp.status_code != 200 or not body.stream:
         try:
             raw = await resp.aread()
@@ -141,6 +115,46 @@ async def chat_completion(
         _stream_with_citations(resp, cites, settings.sse_keepalive_s, settings.generator_timeout_s),
         on_close=close,
     )
+
+
+async def _start_generation(
+    request: Request,
+    body: ChatRequest,
+    user: Principal,
+    settings: GatewaySettings,
+    max_tokens: int,
+) -> tuple[EngineResponse, list[dict[str, Any]]]:
+    """Retrieve, build the prompt, and send it; return the generator's response (headers in)
+    and the citations of the passages the prompt holds."""
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    question = rag.last_user_question(messages)
+    passages: list[dict[str, Any]] = []
+    if body.retrieval.enabled and question:
+        retriever: RetrieverClient = request.app.state.retriever
+        query = question
+        if settings.rewrite_questions and rag.has_history(messages):
+            query = await _standalone_query(request, messages, question, settings)
+        hits = await retriever.search(
+            user.sub,
+            {
+                "query": query,
+                "k": body.retrieval.k or settings.rag_k,
+                "mode": body.retrieval.mode,
+                "document_ids": [str(d) for d in body.retrieval.document_ids],
+                "filters": {"metadata": body.retrieval.filters.get("metadata", {})},
+            },
+        )
+        passages = rag.fit_passages(hits, messages, settings.generator_context_tokens, max_tokens)
+    prompt = rag.build_messages(passages, messages) if body.retrieval.enabled else messages
+    payload = _generator_payload(body, prompt, max_tokens)
+    generator: EngineClient = request.app.state.generator_stream
+    try:
+        resp = await asyncio.wait_for(
+            generator.post("/v1/chat/completions", payload), settings.generator_timeout_s
+        )
+    except (EngineUnavailable, TimeoutError) as exc:
+        raise unavailable("generator") from exc
+    return resp, rag.citations(passages)
 
 
 async def _standalone_query(
