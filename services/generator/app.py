@@ -35,6 +35,8 @@ def _upstream_error(status: int, body: bytes) -> APIError:
         pass
     if status >= 500:
         return APIError(502, "the inference engine failed", code="engine_error")
+    if status == 429:
+        return APIError(429, message, code="overloaded", headers={"Retry-After": "1"})
     return APIError(status, message, code="engine_rejected")
 
 
