@@ -20,6 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field
 
 from services.common.errors import ERROR_RESPONSES, APIError, install_error_handlers
+from services.common.http import read_capped_body
 from services.common.observability import install_observability
 from services.retriever import schema
 from services.retriever.embedded_pg import start_embedded_postgres, stop_embedded_postgres
@@ -172,15 +173,16 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
 
     @app.post("/documents", status_code=202, response_model=Document, responses=ERROR_RESPONSES)
     async def create_document(request: Request, user_id: Tenant, db: StoreDep) -> JSONResponse:
-        length = int(request.headers.get("content-length") or 0)
-        if length > settings.max_upload_bytes + 64 * 1024:
+        limit = settings.max_upload_bytes + 64 * 1024  # the document plus form overhead
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
             raise APIError(413, f"upload is larger than {settings.max_upload_bytes} bytes")
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
             title, media_type, metadata, text = await _read_multipart(request, settings)
         elif content_type.startswith("application/json"):
             try:
-                doc_in = DocumentIn.model_validate_json(await request.body())
+                doc_in = DocumentIn.model_validate_json(await read_capped_body(request, limit))
             except ValueError as exc:
                 raise APIError(400, "body must be JSON with title, text and metadata") from exc
             if not doc_in.text.strip():
