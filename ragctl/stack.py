@@ -83,6 +83,7 @@ class Stack:
     pool: LocalPool | None = None
     password: str | None = None
     service_token: str | None = None
+    database_url: str | None = None
     _pg: object | None = None
 
     def url(self, service: str) -> str:
@@ -124,12 +125,15 @@ class Stack:
             raise
 
     def _start(self) -> None:
+        from psycopg.conninfo import make_conninfo
+
         from services.retriever.embedded_pg import start_embedded_postgres
 
         self._spawn(
             "cognito", ["-m", "moto.server", "-H", self.host, "-p", str(self.ports.cognito)], {}
         )
         self._pg, database_url = start_embedded_postgres(self.home / "retriever")
+        self.database_url = database_url  # the owner's; the retriever queries as rag_app
         service_token = self.service_token = secrets.token_urlsafe(24)
         common = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         self._spawn(
@@ -150,6 +154,7 @@ class Stack:
                 "RETRIEVER_HOST": self.host,
                 "RETRIEVER_PORT": str(self.ports.retriever),
                 "RETRIEVER_DATABASE_URL": database_url,
+                "RETRIEVER_APP_DATABASE_URL": make_conninfo(database_url, user="rag_app"),
                 "RETRIEVER_EMBEDDER_URL": self.url("embedder"),
                 "RETRIEVER_SERVICE_TOKEN": service_token,
             },

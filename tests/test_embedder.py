@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -181,6 +183,8 @@ async def test_not_ready_until_the_model_is_loaded_and_warm() -> None:
         assert ready.json()["not_ready"] == {"model": "model loading"}
         early = await client.post("/v1/embeddings", json={"input": "too early"})
         assert early.status_code == 503 and early.json()["error"]["code"] == "model_loading"
+        early = await client.post("/tokenize", json={"input": "too early"})
+        assert early.status_code == 503 and early.json()["error"]["code"] == "model_loading"
         assert (await client.get("/healthz")).status_code == 200
         for _ in range(600):
             if (await client.get("/readyz")).status_code == 200:
@@ -213,3 +217,111 @@ async def test_metrics_expose_queue_batches_latency_and_tokens() -> None:
         'http_request_duration_seconds_bucket{le="0.005",route="/v1/embeddings"',
     ):
         assert name in text, name
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The bundled model's own tokenizer, loaded as users of transformers load it."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
+
+
+def test_tokenize_counts_the_tokens_the_model_reads_untruncated(stack: Stack, tokenizer) -> None:
+    url = stack.url("embedder")
+    long_text = "word " * 600  # well past the 256-token window
+    texts = [*TEXTS, "", long_text]
+    info = httpx.get(f"{url}/info").json()
+    served = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+    for input_type in (None, "query", "passage"):  # MiniLM has no prompts: the same counts
+        resp = httpx.post(f"{url}/tokenize", json={"input": texts, "input_type": input_type})
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["object"] == "list" and body["model"] == served
+        assert body["max_tokens"] == info["max_seq_length"] == 256
+        assert [d["index"] for d in body["data"]] == list(range(len(texts)))
+        counts = [d["tokens"] for d in body["data"]]
+        assert counts == [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    assert counts[len(TEXTS)] == 2  # "": [CLS] [SEP], the fixed overhead
+    assert counts[-1] > body["max_tokens"]
+    # Within the window, the counts are what /v1/embeddings reads.
+    used = httpx.post(f"{url}/v1/embeddings", json={"input": TEXTS}).json()["usage"]
+    assert sum(counts[: len(TEXTS)]) == used["prompt_tokens"]
+    single = httpx.post(f"{url}/tokenize", json={"input": TEXTS[0]}).json()
+    assert single["data"] == [{"index": 0, "tokens": counts[0]}]
+    assert httpx.post(f"{url}/tokenize", json={"input": []}).json()["data"] == []
+
+
+def test_tokenize_rejects_bad_input_in_the_error_envelope(stack: Stack) -> None:
+    url = f"{stack.url('embedder')}/tokenize"
+    cases = [
+        ({"input": [1, 2]}, None),
+        ({"input": 5}, None),
+        ({"input": None}, None),
+        ({"input": ["ok", None]}, None),
+        ({"input": [["nested"]]}, None),
+        ({"noinput": "x"}, None),
+        ({"input": "x", "input_type": "document"}, None),
+        ({"input": [""] * 4097}, "too_many_inputs"),
+    ]
+    for body, code in cases:
+        resp = httpx.post(url, json=body)
+        assert resp.status_code == 400, (body, resp.text)
+        error = resp.json()["error"]
+        assert error["message"] and error["type"] == "invalid_request_error"
+        if code:
+            assert error["code"] == code
+    resp = httpx.post(url, content=b"{not json", headers={"Content-Type": "application/json"})
+    assert resp.status_code == 400
+    assert httpx.post(url, json={"input": [""] * 4096}).status_code == 200
+    resp = httpx.post(url, json={"input": "y" * (4 * 1024 * 1024 + 1)})
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "too_large"
+
+
+async def test_tokenize_alongside_embedding_neither_fails(stack: Stack, tokenizer) -> None:
+    """/tokenize counts on its own thread with its own tokenizer: concurrent embedding
+    requests (the model thread switching truncation on its tokenizer) never collide."""
+    long_text = "word " * 600
+    texts = [f"{TEXTS[i % len(TEXTS)]} Variant {i}." for i in range(40)] + [long_text]
+    expected = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    async with httpx.AsyncClient(base_url=stack.url("embedder"), timeout=60) as client:
+
+        async def count() -> None:
+            resp = await client.post("/tokenize", json={"input": texts})
+            assert resp.status_code == 200, resp.text
+            assert [d["tokens"] for d in resp.json()["data"]] == expected
+
+        async def embed(i: int) -> None:
+            body = {"input": [texts[i], long_text]}
+            resp = await client.post("/v1/embeddings", json=body)
+            assert resp.status_code == 200, resp.text
+
+        await asyncio.gather(*(count() for _ in range(20)), *(embed(i) for i in range(20)))
+        metrics = (await client.get("/metrics")).text
+    assert "embedder_tokenize_requests_total" in metrics
+    assert "embedder_tokenize_inputs_total" in metrics
+
+
+async def test_tokenize_prepends_the_input_types_prompt_as_embeddings_do(
+    tmp_path: Path, tokenizer
+) -> None:
+    """A model trained with prompts (as e5 and gte are): the bundled one plus prompts."""
+    source = Path(resolve_model_path("all-MiniLM-L6-v2"))
+    for entry in source.iterdir():
+        if entry.name != "config_sentence_transformers.json":
+            (tmp_path / entry.name).symlink_to(entry)
+    prompts = {"query": "query: ", "document": "passage: "}
+    (tmp_path / "config_sentence_transformers.json").write_text(json.dumps({"prompts": prompts}))
+    async with embedder(model=str(tmp_path)) as client:
+        for input_type, prompt in (("query", "query: "), ("passage", "passage: "), (None, "")):
+            body = {"input": ["", *TEXTS], "input_type": input_type}
+            resp = await client.post("/tokenize", json=body)
+            assert resp.status_code == 200, resp.text
+            counts = [d["tokens"] for d in resp.json()["data"]]
+            want = [len(ids) for ids in tokenizer([prompt + t for t in body["input"]])["input_ids"]]
+            assert counts == want
+            assert counts[0] == 2 + len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            body["input"] = TEXTS
+            used = (await client.post("/v1/embeddings", json=body)).json()["usage"]
+            assert sum(counts[1:]) == used["prompt_tokens"]

@@ -1,4 +1,5 @@
-"""Embedder app factory and routes: OpenAI-compatible /v1/embeddings with dynamic batching."""
+"""Embedder app factory and routes: OpenAI-compatible /v1/embeddings with dynamic batching,
+and /tokenize, which counts tokens as the model would read them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -19,10 +20,13 @@ from services.common.errors import ERROR_RESPONSES, APIError, install_error_hand
 from services.common.http import read_capped_body
 from services.common.observability import install_observability
 from services.embedder.batching import Batcher, InputTooLong, QueueFull
+from services.embedder.counting import TokenCounter
 from services.embedder.model import LoadedModel, load_model
 from services.embedder.settings import EmbedderSettings
 
 logger = logging.getLogger(__name__)
+
+RequestBody = TypeVar("RequestBody", bound=BaseModel)
 
 
 class EmbeddingRequest(BaseModel):
@@ -54,9 +58,28 @@ class EmbeddingResponse(BaseModel):
     usage: Usage
 
 
-def parse_request(raw: bytes, settings: EmbedderSettings) -> EmbeddingRequest:
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    input: StrictStr | list[StrictStr]  # "" is allowed: it counts the fixed overhead
+    input_type: Literal["query", "passage"] | None = None
+
+
+class TokenCount(BaseModel):
+    index: int
+    tokens: int
+
+
+class TokenizeResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    max_tokens: int  # the model's window: /v1/embeddings truncates (or refuses) longer inputs
+    data: list[TokenCount]
+
+
+def validate_body(schema: type[RequestBody], raw: bytes) -> RequestBody:
+    """Parse a JSON body; a bad `input` or any other field answers 400 in the envelope."""
     try:
-        body = EmbeddingRequest.model_validate_json(raw)
+        return schema.model_validate_json(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = str(first["loc"][0]) if first["loc"] else None
@@ -65,6 +88,10 @@ def parse_request(raw: bytes, settings: EmbedderSettings) -> EmbeddingRequest:
                 400, "input must be a string or a list of strings", param="input"
             ) from exc
         raise APIError(400, f"{param or 'body'}: {first['msg']}", param=param) from exc
+
+
+def parse_request(raw: bytes, settings: EmbedderSettings) -> EmbeddingRequest:
+    body = validate_body(EmbeddingRequest, raw)
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts:
         raise APIError(400, "input must not be empty", param="input")
@@ -85,6 +112,18 @@ def parse_request(raw: bytes, settings: EmbedderSettings) -> EmbeddingRequest:
                 param="input",
                 code="input_too_long",
             )
+    return body
+
+
+def parse_tokenize_request(raw: bytes, settings: EmbedderSettings) -> TokenizeRequest:
+    body = validate_body(TokenizeRequest, raw)
+    if isinstance(body.input, list) and len(body.input) > settings.max_tokenize_inputs:
+        raise APIError(
+            400,
+            f"at most {settings.max_tokenize_inputs} inputs per tokenize request",
+            param="input",
+            code="too_many_inputs",
+        )
     return body
 
 
@@ -112,6 +151,7 @@ def create_app(settings: EmbedderSettings) -> FastAPI:
             batch_wait_ms=settings.batch_wait_ms,
         )
         app.state.batcher = batcher
+        app.state.token_counter = TokenCounter()
 
         async def wait_loaded() -> None:
             try:
@@ -125,6 +165,7 @@ def create_app(settings: EmbedderSettings) -> FastAPI:
             yield
         finally:
             batcher.stop()
+            app.state.token_counter.close()
             loading.cancel()
 
     app = FastAPI(title="RAG embedder", version="0.1.0", lifespan=lifespan)
@@ -184,6 +225,28 @@ def create_app(settings: EmbedderSettings) -> FastAPI:
             ],
             model=model.name,
             usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
+        )
+        return Response(result.model_dump_json(), media_type="application/json")
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
+    async def tokenize(request: Request) -> Response:
+        """Tokens per text as /v1/embeddings would feed them to the model (its input_type's
+        prompt and special tokens included), untruncated: above max_tokens, the model would
+        read only the first max_tokens."""
+        model = current_model(request)
+        body = parse_tokenize_request(
+            await read_capped_body(request, settings.max_body_bytes), settings
+        )
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        prefix = model.prompt_for(body.input_type)
+        if prefix:
+            texts = [prefix + text for text in texts]
+        counter: TokenCounter = request.app.state.token_counter
+        counts = await counter.count(model, texts) if texts else []
+        result = TokenizeResponse(
+            model=model.name,
+            max_tokens=model.max_seq_length,
+            data=[TokenCount(index=i, tokens=n) for i, n in enumerate(counts)],
         )
         return Response(result.model_dump_json(), media_type="application/json")
 

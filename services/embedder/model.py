@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import os
@@ -38,6 +39,20 @@ def pick_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def encode(
+    tokenizer: Any, texts: list[str], truncate: bool, max_length: int
+) -> dict[str, list[list[int]]]:
+    """Token ids (and the model's other inputs) per text, unpadded, special tokens included."""
+    encoded = tokenizer(
+        texts,
+        add_special_tokens=True,
+        truncation=truncate,
+        max_length=max_length if truncate else None,
+        return_attention_mask=True,
+    )
+    return {key: list(values) for key, values in encoded.items()}
+
+
 @dataclass
 class LoadedModel:
     """A loaded encoder and what clients need to know about it."""
@@ -48,6 +63,10 @@ class LoadedModel:
     max_seq_length: int
     device: str
     prompts: dict[str, str]
+    # A private copy of the tokenizer for the token-counting thread. HF fast tokenizers can
+    # raise "Already borrowed" when one object is used from two threads while truncation
+    # changes, so the model thread's tokenizer (encoder.tokenizer) is never shared.
+    counting_tokenizer: Any
 
     def prompt_for(self, input_type: str | None) -> str:
         """The prefix the model was trained with for queries or passages ('' if none)."""
@@ -58,15 +77,13 @@ class LoadedModel:
         return self.prompts.get(input_type, "")
 
     def tokenize(self, texts: list[str], truncate: bool) -> dict[str, list[list[int]]]:
-        """Token ids (and the model's other inputs) per text, unpadded."""
-        encoded = self.encoder.tokenizer(
-            texts,
-            add_special_tokens=True,
-            truncation=truncate,
-            max_length=self.max_seq_length if truncate else None,
-            return_attention_mask=True,
-        )
-        return {key: list(values) for key, values in encoded.items()}
+        """Token ids (and the model's other inputs) per text, unpadded. Model thread only."""
+        return encode(self.encoder.tokenizer, texts, truncate, self.max_seq_length)
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens per text as tokenize() gives them, untruncated. Counting thread only."""
+        encoded = encode(self.counting_tokenizer, texts, False, self.max_seq_length)
+        return [len(ids) for ids in encoded["input_ids"]]
 
     def forward_tokens(self, ids: list[list[int]], extra: list[dict[str, list[int]]]) -> np.ndarray:
         """Run one padded batch; return normalized float32 vectors."""
@@ -101,6 +118,8 @@ def load_model(model: str, device: str, served_name: str | None) -> LoadedModel:
         max_seq_length=int(encoder.max_seq_length),
         device=chosen,
         prompts={k: v for k, v in (getattr(encoder, "prompts", None) or {}).items() if v},
+        # Copied here, on the model thread, before any other thread can use the original.
+        counting_tokenizer=copy.deepcopy(encoder.tokenizer),
     )
     # Warm-up: the first forward pass allocates and picks kernels; do it before /readyz.
     warm = loaded.tokenize(["warm-up"] * 4, truncate=True)

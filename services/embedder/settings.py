@@ -26,6 +26,7 @@ class EmbedderSettings(ServiceSettings):
     max_input_chars: int = 32_768
     max_body_bytes: int = 4 * 1024 * 1024
     truncate: bool = True  # inputs over the model's window: truncate, or answer 400
+    max_tokenize_inputs: int = 4096  # texts in one /tokenize request
 
     # Dynamic batching across requests.
     max_batch_size: int = 64  # inputs in one forward pass

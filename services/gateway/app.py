@@ -118,12 +118,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
         cursor: str | None = None,
         status: str | None = None,
+        metadata: Annotated[
+            str | None, Query(description="JSON object the metadata contains")
+        ] = None,
     ) -> Response:
-        params = {
-            k: v
-            for k, v in {"limit": limit, "cursor": cursor, "status": status}.items()
-            if v is not None
-        }
+        given = {"limit": limit, "cursor": cursor, "status": status, "metadata": metadata}
+        params = {k: v for k, v in given.items() if v is not None}
         resp = await request.app.state.retriever.request(
             "GET", "/documents", user.sub, params=params
         )

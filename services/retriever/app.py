@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import json
@@ -15,7 +16,8 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pgvector.psycopg import register_vector_async
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, sql
+from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, Field
 
@@ -25,7 +27,8 @@ from services.common.observability import install_observability
 from services.retriever import schema
 from services.retriever.embedded_pg import start_embedded_postgres, stop_embedded_postgres
 from services.retriever.embedder_client import EmbedderClient, EmbedderUnavailable
-from services.retriever.ingest import Ingestor, content_hash, decode_text, media_type_of
+from services.retriever.ingest import Ingestor, content_hash
+from services.retriever.parsing import ParseError, check_upload, media_type_of
 from services.retriever.settings import RetrieverSettings
 from services.retriever.store import Store, fuse_rankings
 
@@ -35,6 +38,7 @@ logger = logging.getLogger(__name__)
 class DocumentIn(BaseModel):
     title: str = Field(min_length=1, max_length=500)
     text: str
+    media_type: Literal["text/plain", "text/markdown", "text/html"] = "text/plain"
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -96,6 +100,16 @@ def _decode_cursor(cursor: str) -> tuple[str, str]:
         raise APIError(400, "invalid cursor", param="cursor") from exc
 
 
+def _json_object(raw: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise APIError(400, "metadata must be a JSON object", param="metadata") from exc
+    if not isinstance(value, dict):
+        raise APIError(400, "metadata must be a JSON object", param="metadata")
+    return value
+
+
 def tenant(
     request: Request,
     authorization: Annotated[str | None, Header()] = None,
@@ -119,23 +133,72 @@ Tenant = Annotated[str, Depends(tenant)]
 StoreDep = Annotated[Store, Depends(get_store)]
 
 
+async def check_app_role(pool: AsyncConnectionPool) -> bool:
+    """Refuse to serve as a role that row-level security would not bind; report whether
+    pgvector has iterative index scans (0.8+)."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT current_user, r.rolsuper, r.rolbypassrls, "
+            "(SELECT relowner FROM pg_class WHERE relname = 'documents') = r.oid, "
+            "(SELECT extversion FROM pg_extension WHERE extname = 'vector') "
+            "FROM pg_roles r WHERE r.rolname = current_user"
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    user, superuser, bypass_rls, owner, version = row
+    if superuser or bypass_rls or owner:
+        raise schema.UnsupportedDatabaseError(
+            f"the retriever queries as {user}, which is a superuser, bypasses row-level "
+            "security or owns the tables; point RETRIEVER_APP_DATABASE_URL at a plain login "
+            "of RETRIEVER_APP_ROLE"
+        )
+    pgvector = tuple(int(part) for part in str(version).split(".")[:2])
+    if pgvector < (0, 8):
+        logger.warning(
+            "pgvector %s has no iterative index scans; filtered searches may "
+            "return fewer than k results: upgrade to 0.8",
+            version,
+        )
+    return pgvector >= (0, 8)
+
+
 def create_app(settings: RetrieverSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server = None
-        url = settings.database_url
-        if not url:
-            server, url = start_embedded_postgres(settings.data_dir)
+        admin_url, app_url = settings.database_url, settings.app_database_url
+        if not admin_url:
+            server, admin_url = start_embedded_postgres(settings.data_dir)
+            app_url = make_conninfo(admin_url, user=settings.app_role)
         embedder = EmbedderClient(settings.embedder_url)
         try:
             info = await embedder.wait_for_info(settings.embedder_wait_s)
-            schema.migrate(url, info["model"], int(info["dimension"]))
+            await asyncio.to_thread(
+                schema.migrate,
+                admin_url,
+                info["model"],
+                int(info["dimension"]),
+                settings.app_role,
+                settings.hnsw_m,
+                settings.hnsw_ef_construction,
+            )
+            if app_url is None:
+                logger.warning(
+                    "RETRIEVER_APP_DATABASE_URL is not set: querying as the owner's login with "
+                    "SET ROLE %s; give the service its own login of that role in production",
+                    settings.app_role,
+                )
 
             async def configure(conn: AsyncConnection) -> None:
+                if app_url is None:
+                    await conn.execute(
+                        sql.SQL("SET ROLE {}").format(sql.Identifier(settings.app_role))
+                    )
                 await register_vector_async(conn)
+                await conn.commit()
 
             pool = AsyncConnectionPool(
-                url,
+                app_url or admin_url,
                 min_size=1,
                 max_size=settings.pool_max_size,
                 configure=configure,
@@ -143,11 +206,9 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
                 kwargs={"autocommit": True},
             )
             await pool.open(wait=True, timeout=30)
-            store = Store(pool)
-            # Chunks are sized in words; about 1.4 word-piece tokens a word keeps them inside
-            # the embedder's window.
-            max_words = max(32, min(settings.chunk_words, int(info["max_seq_length"] / 1.4)))
-            ingestor = Ingestor(store, embedder, settings, max_words)
+            iterative_scan = await check_app_role(pool)
+            store = Store(pool, settings.hnsw_ef_search, iterative_scan)
+            ingestor = Ingestor(store, embedder, settings, int(info["max_seq_length"]))
             await ingestor.start()
             app.state.store, app.state.ingestor, app.state.embedder = store, ingestor, embedder
             try:
@@ -179,29 +240,29 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
             raise APIError(413, f"upload is larger than {settings.max_upload_bytes} bytes")
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
-            title, media_type, metadata, text = await _read_multipart(request, settings)
+            title, media_type, metadata, raw = await _read_multipart(request, settings)
         elif content_type.startswith("application/json"):
             try:
                 doc_in = DocumentIn.model_validate_json(await read_capped_body(request, limit))
             except ValueError as exc:
-                raise APIError(400, "body must be JSON with title, text and metadata") from exc
-            if not doc_in.text.strip():
-                raise APIError(400, "text must not be empty", param="text")
-            title, media_type, metadata, text = (
-                doc_in.title,
-                "text/plain",
-                doc_in.metadata,
-                doc_in.text,
-            )
+                raise APIError(
+                    400, "body must be JSON with title, text, media_type and metadata"
+                ) from exc
+            title, media_type, metadata = doc_in.title, doc_in.media_type, doc_in.metadata
+            raw = doc_in.text.encode()
         else:
             raise APIError(415, "send multipart/form-data (file) or application/json (text)")
-        if len(text.encode()) > settings.max_upload_bytes:
+        if len(raw) > settings.max_upload_bytes:
             raise APIError(413, f"document is larger than {settings.max_upload_bytes} bytes")
+        try:
+            check_upload(raw, media_type)
+        except ParseError as exc:
+            raise APIError(400, str(exc), code="unreadable_document") from exc
         doc, created = await db.create_document(
-            user_id, title, media_type, metadata, text, content_hash(text)
+            user_id, title, media_type, metadata, raw, content_hash(raw)
         )
         if created:
-            request.app.state.ingestor.submit(doc["id"])
+            request.app.state.ingestor.notify()
         body = Document(**doc, duplicate=not created).model_dump(mode="json")
         return JSONResponse(body, status_code=202 if created else 200)
 
@@ -212,9 +273,16 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
         cursor: str | None = None,
         status: Literal["pending", "processing", "ready", "failed"] | None = None,
+        metadata: Annotated[
+            str | None, Query(description="JSON object the metadata contains")
+        ] = None,
     ) -> DocumentList:
         rows = await db.list_documents(
-            user_id, limit + 1, _decode_cursor(cursor) if cursor else None, status
+            user_id,
+            limit + 1,
+            _decode_cursor(cursor) if cursor else None,
+            status,
+            _json_object(metadata) if metadata else None,
         )
         next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
         return DocumentList(data=[Document(**row) for row in rows[:limit]], next_cursor=next_cursor)
@@ -261,7 +329,7 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
 
 async def _read_multipart(
     request: Request, settings: RetrieverSettings
-) -> tuple[str, str, dict[str, Any], str]:
+) -> tuple[str, str, dict[str, Any], bytes]:
     form = await request.form(max_files=1, max_fields=10)
     upload = form.get("file")
     if upload is None or isinstance(upload, str):
@@ -270,16 +338,10 @@ async def _read_multipart(
     if len(raw) > settings.max_upload_bytes:
         raise APIError(413, f"upload is larger than {settings.max_upload_bytes} bytes")
     media_type = media_type_of(upload.filename, upload.content_type)
-    text = decode_text(raw)
     title = form.get("title")
     title = title if isinstance(title, str) and title.strip() else (upload.filename or "untitled")
     metadata_raw = form.get("metadata")
-    metadata: dict[str, Any] = {}
-    if isinstance(metadata_raw, str) and metadata_raw.strip():
-        try:
-            metadata = json.loads(metadata_raw)
-        except ValueError as exc:
-            raise APIError(400, "metadata must be a JSON object", param="metadata") from exc
-        if not isinstance(metadata, dict):
-            raise APIError(400, "metadata must be a JSON object", param="metadata")
-    return title[:500], media_type, metadata, text
+    metadata = (
+        _json_object(metadata_raw) if isinstance(metadata_raw, str) and metadata_raw.strip() else {}
+    )
+    return title[:500], media_type, metadata, raw

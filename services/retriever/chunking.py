@@ -1,12 +1,24 @@
-"""Split a document into overlapping chunks along its structure."""
+"""Split parsed blocks into overlapping chunks sized in the embedding model's tokens."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
-_HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+MAX_REFINE_ROUNDS = 8
+
+# Counts the model's tokens of each text, excluding the fixed overhead (special tokens,
+# prompt) that every input carries.
+TokenCounter = Callable[[list[str]], Awaitable[list[int]]]
+
+
+class BlockLike(Protocol):
+    text: str
+    heading: str | None
+    page: int | None
 
 
 @dataclass
@@ -16,88 +28,141 @@ class Chunk:
 
 
 @dataclass
-class _Block:
+class _Unit:
+    """A sentence (or a piece of an over-long one) and where it sits."""
+
     text: str
+    block: int
     heading: str | None
-    char_start: int
+    page: int | None
+    tokens: int = 0
 
 
-def _blocks(text: str) -> list[_Block]:
-    """Paragraphs, each tagged with the markdown heading it sits under."""
-    blocks: list[_Block] = []
-    heading: str | None = None
-    offset = 0
-    for para in re.split(r"(\n\s*\n)", text):
-        start = offset
-        offset += len(para)
-        stripped = para.strip()
-        if not stripped:
+def _sentences(blocks: Sequence[BlockLike]) -> list[_Unit]:
+    return [
+        _Unit(sentence, index, block.heading, block.page)
+        for index, block in enumerate(blocks)
+        for sentence in _SENTENCE_END.split(block.text.strip())
+        if sentence.strip()
+    ]
+
+
+async def _split_oversized(units: list[_Unit], budget: int, count: TokenCounter) -> list[_Unit]:
+    """Break units over budget tokens at word boundaries (and over-long words at characters)."""
+    out: list[_Unit] = []
+    for unit in units:
+        if unit.tokens <= budget:
+            out.append(unit)
             continue
-        lines = stripped.splitlines()
-        match = _HEADING.match(lines[0])
-        if match:
-            heading = match.group(2)
-            lines = lines[1:]
-            if not lines:
-                continue
-        blocks.append(_Block(" ".join(line.strip() for line in lines), heading, start))
-    return blocks
+        words: list[str] = []
+        for word in unit.text.split():
+            # A word can be a very long token run (a hash, base64): cut it so each piece fits.
+            step = max(1, budget // 2)
+            words.extend(word[i : i + step] for i in range(0, len(word), step))
+        word_tokens = await count(words)
+        piece: list[str] = []
+        piece_tokens = 0
+        for word, tokens in zip(words, word_tokens, strict=True):
+            if piece and piece_tokens + tokens > budget:
+                out.append(
+                    _Unit(" ".join(piece), unit.block, unit.heading, unit.page, piece_tokens)
+                )
+                piece, piece_tokens = [], 0
+            piece.append(word)
+            piece_tokens += tokens
+        if piece:
+            out.append(_Unit(" ".join(piece), unit.block, unit.heading, unit.page, piece_tokens))
+    return out
 
 
-def _split_long(text: str, max_words: int) -> list[str]:
-    """Break a paragraph longer than max_words at sentence ends, then at words."""
-    pieces: list[str] = []
-    current: list[str] = []
-    for sentence in _SENTENCE_END.split(text):
-        words = sentence.split()
-        while len(words) > max_words:
-            if current:
-                pieces.append(" ".join(current))
-                current = []
-            pieces.append(" ".join(words[:max_words]))
-            words = words[max_words:]
-        if len(current) + len(words) > max_words and current:
-            pieces.append(" ".join(current))
-            current = []
-        current.extend(words)
+def _pack(units: list[_Unit], max_tokens: int, overlap_tokens: int) -> list[list[_Unit]]:
+    """Greedy packing; a chunk never spans two sections and repeats up to overlap_tokens of
+    the previous chunk's trailing sentences when it continues the same section."""
+    groups: list[list[_Unit]] = []
+    current: list[_Unit] = []
+    total = 0
+    for unit in units:
+        if current and unit.heading != current[-1].heading:
+            groups.append(current)
+            current, total = [], 0
+        elif current and total + unit.tokens > max_tokens:
+            groups.append(current)
+            carried: list[_Unit] = []
+            carried_tokens = 0
+            for previous in reversed(current):
+                if carried_tokens + previous.tokens > overlap_tokens:
+                    break
+                carried.insert(0, previous)
+                carried_tokens += previous.tokens
+            if carried_tokens + unit.tokens > max_tokens:
+                carried, carried_tokens = [], 0
+            current, total = carried, carried_tokens
+        current.append(unit)
+        total += unit.tokens
     if current:
-        pieces.append(" ".join(current))
-    return pieces
+        groups.append(current)
+    return groups
 
 
-def chunk_text(text: str, max_words: int, overlap_words: int) -> list[Chunk]:
-    """Pack paragraphs into chunks of at most max_words, carrying overlap_words between them.
+def _join(group: list[_Unit]) -> str:
+    parts: list[str] = []
+    for i, unit in enumerate(group):
+        if i:
+            parts.append("\n\n" if unit.block != group[i - 1].block else " ")
+        parts.append(unit.text)
+    return "".join(parts)
 
-    A chunk never spans two headings, so its position names one section.
-    """
-    if max_words <= 0 or overlap_words < 0 or overlap_words >= max_words:
-        raise ValueError("need 0 <= overlap_words < max_words")
-    chunks: list[Chunk] = []
-    words: list[str] = []
-    heading: str | None = None
-    start = 0
 
-    def flush(keep_overlap: bool) -> list[str]:
-        if words:
-            position: dict[str, object] = {"char_start": start}
-            if heading:
-                position["heading"] = heading
-            chunks.append(Chunk(" ".join(words), position))
-        return words[-overlap_words:] if keep_overlap and overlap_words else []
+def _chunk(group: list[_Unit]) -> Chunk:
+    position: dict[str, object] = {}
+    if group[0].heading:
+        position["heading"] = group[0].heading
+    if group[0].page is not None:
+        position["page"] = group[0].page
+        if group[-1].page != group[0].page:
+            position["page_end"] = group[-1].page
+    return Chunk(_join(group), position)
 
-    for block in _blocks(text):
-        if block.heading != heading and words:
-            words = flush(keep_overlap=False)
-        if not words:
-            start = block.char_start
-        heading = block.heading
-        for piece in _split_long(block.text, max_words - overlap_words):
-            piece_words = piece.split()
-            if len(words) + len(piece_words) > max_words:
-                words = flush(keep_overlap=True)
-                start = block.char_start
-            words = words + piece_words
-    flush(keep_overlap=False)
+
+async def chunk_blocks(
+    blocks: Sequence[BlockLike], count: TokenCounter, max_tokens: int, overlap_tokens: int
+) -> list[Chunk]:
+    """Chunks of at most max_tokens model tokens each (counted by `count`), along headings,
+    paragraphs and sentences, each with its heading and page for citations."""
+    if max_tokens <= 0 or overlap_tokens < 0 or 2 * overlap_tokens >= max_tokens:
+        raise ValueError("need 0 <= 2 * overlap_tokens < max_tokens")
+    units = _sentences(blocks)
+    if not units:
+        return []
+    for unit, tokens in zip(units, await count([u.text for u in units]), strict=True):
+        unit.tokens = tokens
+    units = await _split_oversized(units, max_tokens - overlap_tokens, count)
+    groups = _pack(units, max_tokens, overlap_tokens)
+    # Sums of sentence counts can differ from the count of the joined text (a tokenizer
+    # that merges across spaces): check every chunk and split any that is over.
+    for _ in range(MAX_REFINE_ROUNDS):
+        totals = await count([_join(group) for group in groups])
+        over = [i for i, total in enumerate(totals) if total > max_tokens]
+        if not over:
+            break
+        refined: list[list[_Unit]] = []
+        for i, group in enumerate(groups):
+            if i not in over:
+                refined.append(group)
+            elif len(group) > 1:
+                refined.extend([group[: len(group) // 2], group[len(group) // 2 :]])
+            else:
+                unit = group[0]
+                shrunk = await _split_oversized(
+                    [_Unit(unit.text, unit.block, unit.heading, unit.page, max_tokens + 1)],
+                    max(1, unit.tokens // 2),
+                    count,
+                )
+                refined.extend([piece] for piece in shrunk)
+        groups = refined
+    else:
+        raise ValueError("could not fit the text into chunks of the model's length")
+    chunks = [_chunk(group) for group in groups]
     for ordinal, chunk in enumerate(chunks):
         chunk.position["chunk"] = ordinal
     return chunks

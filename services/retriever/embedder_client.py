@@ -15,6 +15,10 @@ from services.common.http import make_client
 logger = logging.getLogger(__name__)
 
 
+TOKENIZE_BATCH = 2048
+TOKENIZE_CHARS = 256 * 1024
+
+
 class EmbedderUnavailable(RuntimeError):
     pass
 
@@ -43,6 +47,29 @@ class EmbedderClient:
                         f"the embedder did not become ready within {timeout_s:.0f}s"
                     ) from exc
                 await asyncio.sleep(0.5)
+
+    async def count_tokens(self, texts: list[str], input_type: str = "passage") -> list[int]:
+        """How many tokens the model reads for each text (special tokens and prompt included)."""
+        counts: list[int] = []
+        start = 0
+        while start < len(texts):
+            # Requests of at most TOKENIZE_BATCH texts and about TOKENIZE_CHARS characters.
+            end, chars = start, 0
+            while end < len(texts) and end - start < TOKENIZE_BATCH and chars < TOKENIZE_CHARS:
+                chars += len(texts[end])
+                end += 1
+            body = {"input": texts[start:end], "input_type": input_type}
+            try:
+                resp = await self._http.post("/tokenize", json=body)
+            except httpx.HTTPError as exc:
+                raise EmbedderUnavailable("the embedder is unreachable") from exc
+            if resp.status_code in (429, 503) or resp.status_code >= 500:
+                raise EmbedderUnavailable(f"the embedder answered {resp.status_code}")
+            resp.raise_for_status()
+            data = sorted(resp.json()["data"], key=lambda item: item["index"])
+            counts.extend(int(item["tokens"]) for item in data)
+            start = end
+        return counts
 
     async def embed(self, texts: list[str], input_type: str = "passage") -> np.ndarray:
         """Vectors for passages (ingestion) or a query (search)."""

@@ -1,83 +1,55 @@
-"""Ingestion: parse an upload, then chunk, embed and store it in the background."""
+"""Ingestion workers: claim durable jobs from PostgreSQL, parse, chunk, embed, store."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import os
+import socket
 import uuid
 
 import numpy as np
 
-from services.common.errors import APIError
-from services.retriever.chunking import chunk_text
+from services.retriever.chunking import chunk_blocks
 from services.retriever.embedder_client import EmbedderClient, EmbedderUnavailable
+from services.retriever.parsing import ParseError, parse_document
 from services.retriever.settings import RetrieverSettings
-from services.retriever.store import Store
+from services.retriever.store import Job, LeaseLost, Store
 
 logger = logging.getLogger(__name__)
 
-MEDIA_TYPES = {
-    ".md": "text/markdown",
-    ".markdown": "text/markdown",
-    ".txt": "text/plain",
-    ".text": "text/plain",
-}
-SUPPORTED = set(MEDIA_TYPES.values())
-EMBED_RETRIES = 5
+EMBED_BATCHES_IN_FLIGHT = 4
 
 
-def media_type_of(filename: str | None, declared: str | None) -> str:
-    """The upload's media type, from its file extension first, then its declared type."""
-    if filename:
-        for ext, media_type in MEDIA_TYPES.items():
-            if filename.lower().endswith(ext):
-                return media_type
-    base = (declared or "").split(";")[0].strip().lower()
-    if base in SUPPORTED:
-        return base
-    raise APIError(
-        415,
-        f"unsupported document type {base or filename or 'unknown'}; "
-        "supported: plain text (.txt) and Markdown (.md)",
-        code="unsupported_type",
-    )
-
-
-def decode_text(raw: bytes) -> str:
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise APIError(400, "the document is not valid UTF-8 text", code="bad_encoding") from exc
-    if "\x00" in text:
-        raise APIError(400, "the document contains NUL bytes; is it binary?", code="bad_encoding")
-    if not text.strip():
-        raise APIError(400, "the document has no text", code="empty_document")
-    return text
-
-
-def content_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+def content_hash(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
 
 
 class Ingestor:
-    """A queue of document ids and the workers that process them."""
+    """Workers that lease jobs (FOR UPDATE SKIP LOCKED), so any number of replicas can run
+    them; a job whose worker dies is taken again when its lease runs out."""
 
     def __init__(
-        self, store: Store, embedder: EmbedderClient, settings: RetrieverSettings, max_words: int
+        self,
+        store: Store,
+        embedder: EmbedderClient,
+        settings: RetrieverSettings,
+        max_seq_length: int,
     ) -> None:
         self.store = store
         self.embedder = embedder
         self.settings = settings
-        self.max_words = max_words
-        self.queue: asyncio.Queue[uuid.UUID] = asyncio.Queue()
+        self.max_seq_length = max_seq_length
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._wake = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
+        self._overhead: int | None = None
 
     async def start(self) -> None:
-        for doc_id in await self.store.pending_document_ids():
-            self.queue.put_nowait(doc_id)
         self._workers = [
-            asyncio.create_task(self._work(), name=f"ingest-{i}")
+            asyncio.create_task(self._work(f"{self.worker_id}/{i}"), name=f"ingest-{i}")
             for i in range(self.settings.ingest_workers)
         ]
 
@@ -86,54 +58,116 @@ class Ingestor:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
 
-    def submit(self, doc_id: uuid.UUID) -> None:
-        self.queue.put_nowait(doc_id)
+    def notify(self) -> None:
+        """A job was queued here: wake an idle worker now rather than at the next poll."""
+        self._wake.set()
 
-    async def _work(self) -> None:
+    async def _work(self, worker: str) -> None:
         while True:
-            doc_id = await self.queue.get()
             try:
-                await self.process(doc_id)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("ingestion of %s failed", doc_id)
-                try:
-                    await self.store.fail_document(doc_id, "internal error during ingestion")
-                except Exception:  # the database is away too: the document stays pending
-                    logger.exception("could not mark %s failed", doc_id)
-            finally:
-                self.queue.task_done()
+                job = await self.store.claim_job(worker, self.settings.ingest_lease_s)
+            except Exception:  # the database is away: try again later
+                logger.exception("could not claim an ingestion job")
+                job = None
+            if job is None:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.settings.ingest_poll_s)
+                continue
+            await self._run(job, worker)
 
-    async def process(self, doc_id: uuid.UUID) -> None:
-        doc = await self.store.claim_document(doc_id)
-        if doc is None or doc["body"] is None:
+    async def _run(self, job: Job, worker: str) -> None:
+        """Process one job under a lease kept alive until it ends."""
+        heartbeat = asyncio.create_task(self._keep_lease(job, worker))
+        processing = asyncio.create_task(self.process(job, worker))
+        try:
+            done, _ = await asyncio.wait(
+                {heartbeat, processing}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if heartbeat in done and processing not in done:
+                processing.cancel()  # the lease is gone: someone else has the job now
+                logger.warning("lost the lease on %s; dropping it", job.document_id)
+            await asyncio.gather(processing, return_exceptions=True)
+            if processing.done() and not processing.cancelled() and processing.exception():
+                exc = processing.exception()
+                if not isinstance(exc, LeaseLost):
+                    logger.error("ingestion of %s failed", job.document_id, exc_info=exc)
+                    await self._retry(job, worker, "internal error during ingestion")
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+
+    async def _keep_lease(self, job: Job, worker: str) -> None:
+        lease = self.settings.ingest_lease_s
+        while True:
+            await asyncio.sleep(lease / 3)
+            try:
+                if not await self.store.renew_lease(job, worker, lease):
+                    return
+            except Exception:  # keep trying until the lease would have run out anyway
+                logger.exception("could not renew the lease on %s", job.document_id)
+
+    async def process(self, job: Job, worker: str) -> None:
+        if job.attempts > self.settings.ingest_max_attempts:
+            reason = f"gave up after {job.attempts - 1} attempts"
+            await self.store.fail_job(job, worker, f"{reason}: {job.last_error or 'unknown'}")
             return
-        chunks = chunk_text(doc["body"], self.max_words, self.settings.chunk_overlap_words)
-        if not chunks:
-            await self.store.fail_document(doc_id, "the document has no text")
+        doc = await self.store.start_job(job)
+        if doc is None or doc["source"] is None:
+            await self.store.fail_job(job, worker, "the upload is missing")
             return
-        texts = [chunk.text for chunk in chunks]
-        batches = []
-        for start in range(0, len(texts), self.settings.embed_batch_size):
-            batch = texts[start : start + self.settings.embed_batch_size]
-            vectors = await self._embed_with_retry(batch)
-            if vectors is None:
-                await self.store.fail_document(doc_id, "the embedder is unavailable")
+        try:
+            blocks = await asyncio.to_thread(
+                parse_document, bytes(doc["source"]), doc["media_type"]
+            )
+        except ParseError as exc:
+            await self.store.fail_job(job, worker, str(exc))
+            return
+        try:
+            limit = await self._chunk_limit()
+            overlap = min(self.settings.chunk_overlap_tokens, (limit - 1) // 2)
+            chunks = await chunk_blocks(blocks, self._count_tokens, limit, overlap)
+            if not chunks:
+                await self.store.fail_job(job, worker, "the document has no text")
                 return
-            batches.append(vectors)
-        await self.store.finish_document(doc_id, doc["user_id"], chunks, np.concatenate(batches))
-        logger.info("document %s ready with %d chunks", doc_id, len(chunks))
+            vectors = await self._embed([chunk.text for chunk in chunks])
+        except EmbedderUnavailable as exc:
+            await self._retry(job, worker, str(exc))
+            return
+        await self.store.finish_job(job, worker, chunks, vectors)
+        logger.info("document %s ready with %d chunks", job.document_id, len(chunks))
 
-    async def _embed_with_retry(self, texts: list[str]) -> np.ndarray | None:
-        delay = 1.0
-        for attempt in range(1, EMBED_RETRIES + 1):
-            try:
-                return await self.embedder.embed(texts)
-            except EmbedderUnavailable as exc:
-                logger.warning("embedding attempt %d failed: %s", attempt, exc)
-                if attempt == EMBED_RETRIES:
-                    return None
-                await asyncio.sleep(delay)
-                delay *= 2
-        return None
+    async def _embed(self, texts: list[str]) -> np.ndarray:
+        """Embed in batches, a few in flight at once so the embedder can batch across them."""
+        size = self.settings.embed_batch_size
+        gate = asyncio.Semaphore(EMBED_BATCHES_IN_FLIGHT)
+
+        async def embed_batch(start: int) -> np.ndarray:
+            async with gate:
+                return await self.embedder.embed(texts[start : start + size])
+
+        batches = await asyncio.gather(*(embed_batch(i) for i in range(0, len(texts), size)))
+        return np.concatenate(batches)
+
+    async def _retry(self, job: Job, worker: str, reason: str) -> None:
+        delay = min(self.settings.ingest_backoff_max_s, 2.0 ** (job.attempts - 1))
+        logger.warning("ingestion of %s will retry in %.0fs: %s", job.document_id, delay, reason)
+        try:
+            await self.store.retry_job(job, worker, delay, reason)
+        except LeaseLost:
+            pass
+        except Exception:  # the database is away: the lease runs out and the job comes back
+            logger.exception("could not reschedule %s", job.document_id)
+
+    async def _count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens of each text beyond the fixed overhead every input carries."""
+        overhead = await self._token_overhead()
+        return [n - overhead for n in await self.embedder.count_tokens(texts)]
+
+    async def _token_overhead(self) -> int:
+        if self._overhead is None:
+            self._overhead = (await self.embedder.count_tokens([""]))[0]
+        return self._overhead
+
+    async def _chunk_limit(self) -> int:
+        return min(self.settings.chunk_tokens, self.max_seq_length - await self._token_overhead())

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import InternalAuthSettings
@@ -9,14 +10,34 @@ class RetrieverSettings(InternalAuthSettings):
     model_config = SettingsConfigDict(env_prefix="RETRIEVER_", extra="ignore")
 
     port: int = 8001
-    # Any PostgreSQL >= 15 with pgvector. Empty: start the embedded server in data_dir.
+    # Any PostgreSQL >= 15 with pgvector, as the schema owner: migrations run with it.
+    # Empty: start the embedded server in data_dir.
     database_url: str | None = None
+    # What the service queries with: a login of app_role (neither owner nor superuser, so
+    # row-level security binds it). Empty: connect with database_url and SET ROLE app_role.
+    app_database_url: str | None = None
+    app_role: str = Field("rag_app", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     data_dir: str = ".data/retriever"
     embedder_url: str = "http://127.0.0.1:8002"
     embedder_wait_s: float = 180.0  # how long start-up waits for the embedder
     max_upload_bytes: int = 10 * 1024 * 1024
-    chunk_words: int = 160
-    chunk_overlap_words: int = 30
-    embed_batch_size: int = 32
-    ingest_workers: int = 2
-    pool_max_size: int = 10
+    # Chunk size in the embedding model's own tokens; capped at what the model reads.
+    chunk_tokens: int = Field(256, ge=16)
+    chunk_overlap_tokens: int = Field(32, ge=0)
+    embed_batch_size: int = Field(32, ge=1)
+    ingest_workers: int = Field(4, ge=0)  # 0: this replica only serves search
+    ingest_lease_s: float = Field(60.0, gt=0)  # a job whose worker died is retried after this
+    ingest_poll_s: float = Field(1.0, gt=0)  # how often idle workers look for jobs
+    ingest_max_attempts: int = Field(10, ge=1)
+    ingest_backoff_max_s: float = Field(300.0, gt=0)
+    pool_max_size: int = Field(10, ge=2)
+    # HNSW graph: changing m or ef_construction rebuilds the index on start.
+    hnsw_m: int = Field(16, ge=2, le=100)
+    hnsw_ef_construction: int = Field(64, ge=4, le=1000)
+    hnsw_ef_search: int = Field(40, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> RetrieverSettings:
+        if self.chunk_overlap_tokens >= self.chunk_tokens // 2:
+            raise ValueError("chunk_overlap_tokens must be under half of chunk_tokens")
+        return self

@@ -1,13 +1,21 @@
-"""Documents, chunks and search in PostgreSQL. Every query is scoped to one tenant."""
+"""Documents, chunks, ingestion jobs and search in PostgreSQL.
+
+Every tenant query runs in a transaction that first sets `app.user_id` for that
+transaction only; row-level security then limits it to that tenant's rows, so a
+pooled connection never carries one user's tenant into another's request.
+"""
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
@@ -18,9 +26,38 @@ DOC_COLUMNS = "id, title, media_type, metadata, status, error, chunk_count, crea
 RRF_K = 60
 
 
+@dataclass
+class Job:
+    document_id: uuid.UUID
+    user_id: str
+    attempts: int
+    last_error: str | None
+
+
+class LeaseLost(RuntimeError):
+    """Another worker took over this job (our lease ran out); drop our work."""
+
+
+def vector_literal(vector: np.ndarray) -> str:
+    return "[" + ",".join(f"{x:.7g}" for x in vector) + "]"
+
+
 class Store:
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    def __init__(
+        self, pool: AsyncConnectionPool, ef_search: int = 40, iterative_scan: bool = True
+    ) -> None:
         self.pool = pool
+        self.ef_search = ef_search
+        self.iterative_scan = iterative_scan
+
+    @asynccontextmanager
+    async def tenant(self, user_id: str) -> AsyncIterator[AsyncConnection]:
+        """A connection in a transaction scoped to one tenant."""
+        if not user_id:
+            raise ValueError("a tenant is required")
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT set_config('app.user_id', %s, true)", (user_id,))
+            yield conn
 
     # documents -----------------------------------------------------------------
 
@@ -30,22 +67,32 @@ class Store:
         title: str,
         media_type: str,
         metadata: dict[str, Any],
-        body: str,
+        source: bytes,
         content_hash: str,
     ) -> tuple[dict[str, Any], bool]:
-        """Insert a pending document; return (document, created=False for known content)."""
-        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        """Store an upload and its ingestion job; (document, created=False for known content).
+
+        A known document that failed is taken as a new attempt.
+        """
+        async with self.tenant(user_id) as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(
-                f"INSERT INTO documents (id, user_id, title, media_type, metadata, body, "
+                f"INSERT INTO documents (id, user_id, title, media_type, metadata, source, "
                 f"content_hash) VALUES (%s, %s, %s, %s, %s, %s, %s) "
                 f"ON CONFLICT (user_id, content_hash) DO UPDATE SET status = 'pending', "
-                f"error = NULL, body = EXCLUDED.body, title = EXCLUDED.title, "
-                f"metadata = EXCLUDED.metadata, updated_at = now() "
+                f"error = NULL, source = EXCLUDED.source, title = EXCLUDED.title, "
+                f"media_type = EXCLUDED.media_type, metadata = EXCLUDED.metadata, "
+                f"chunk_count = 0, updated_at = now() "
                 f"WHERE documents.status = 'failed' RETURNING {DOC_COLUMNS}",
-                (uuid.uuid4(), user_id, title, media_type, Jsonb(metadata), body, content_hash),
+                (uuid.uuid4(), user_id, title, media_type, Jsonb(metadata), source, content_hash),
             )
             row = await cur.fetchone()
             if row is not None:
+                await cur.execute(
+                    "INSERT INTO ingest_jobs (document_id, user_id) VALUES (%s, %s) "
+                    "ON CONFLICT (document_id) DO UPDATE SET attempts = 0, run_after = now(), "
+                    "leased_by = NULL, lease_until = NULL, last_error = NULL",
+                    (row["id"], user_id),
+                )
                 return row, True
             await cur.execute(
                 f"SELECT {DOC_COLUMNS} FROM documents WHERE user_id = %s AND content_hash = %s",
@@ -56,7 +103,7 @@ class Store:
             return existing, False
 
     async def get_document(self, user_id: str, doc_id: uuid.UUID) -> dict[str, Any] | None:
-        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        async with self.tenant(user_id) as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(
                 f"SELECT {DOC_COLUMNS} FROM documents WHERE user_id = %s AND id = %s",
                 (user_id, doc_id),
@@ -64,18 +111,26 @@ class Store:
             return await cur.fetchone()
 
     async def list_documents(
-        self, user_id: str, limit: int, cursor: tuple[str, str] | None, status: str | None
+        self,
+        user_id: str,
+        limit: int,
+        cursor: tuple[str, str] | None,
+        status: str | None,
+        metadata: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:
         clauses = ["user_id = %s"]
         params: list[Any] = [user_id]
         if status:
             clauses.append("status = %s")
             params.append(status)
+        if metadata:
+            clauses.append("metadata @> %s")
+            params.append(Jsonb(metadata))
         if cursor:
             clauses.append("(created_at, id) < (%s::timestamptz, %s::uuid)")
             params.extend(cursor)
         params.append(limit)
-        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        async with self.tenant(user_id) as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(
                 f"SELECT {DOC_COLUMNS} FROM documents WHERE {' AND '.join(clauses)} "
                 "ORDER BY created_at DESC, id DESC LIMIT %s",
@@ -84,65 +139,113 @@ class Store:
             return await cur.fetchall()
 
     async def delete_document(self, user_id: str, doc_id: uuid.UUID) -> bool:
-        """Delete a document and (by cascade, in the same statement) all its chunks."""
-        async with self.pool.connection() as conn:
+        """Delete a document, its chunks and its job (by cascade, in the same statement)."""
+        async with self.tenant(user_id) as conn:
             cur = await conn.execute(
                 "DELETE FROM documents WHERE user_id = %s AND id = %s", (user_id, doc_id)
             )
             return cur.rowcount > 0
 
-    # ingestion -----------------------------------------------------------------
+    # ingestion jobs ------------------------------------------------------------
 
-    async def pending_document_ids(self) -> list[uuid.UUID]:
+    async def claim_job(self, worker: str, lease_s: float) -> Job | None:
+        """Lease the oldest due job no live worker holds; skip rows others are claiming."""
         async with self.pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT id FROM documents WHERE status IN ('pending', 'processing') "
-                "ORDER BY created_at"
+                "UPDATE ingest_jobs SET attempts = attempts + 1, leased_by = %s, "
+                "lease_until = now() + make_interval(secs => %s) "
+                "WHERE document_id = (SELECT document_id FROM ingest_jobs "
+                "  WHERE run_after <= now() AND (lease_until IS NULL OR lease_until < now()) "
+                "  ORDER BY run_after LIMIT 1 FOR UPDATE SKIP LOCKED) "
+                "RETURNING document_id, user_id, attempts, last_error",
+                (worker, lease_s),
             )
-            return [row[0] for row in await cur.fetchall()]
+            row = await cur.fetchone()
+            return Job(*row) if row else None
 
-    async def claim_document(self, doc_id: uuid.UUID) -> dict[str, Any] | None:
-        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+    async def renew_lease(self, job: Job, worker: str, lease_s: float) -> bool:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE ingest_jobs SET lease_until = now() + make_interval(secs => %s) "
+                "WHERE document_id = %s AND leased_by = %s",
+                (lease_s, job.document_id, worker),
+            )
+            return cur.rowcount > 0
+
+    async def start_job(self, job: Job) -> dict[str, Any] | None:
+        """Mark the job's document processing; its media type and source, or None if gone."""
+        async with self.tenant(job.user_id) as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(
                 "UPDATE documents SET status = 'processing', updated_at = now() "
-                "WHERE id = %s AND status IN ('pending', 'processing') "
-                "RETURNING id, user_id, body",
-                (doc_id,),
+                "WHERE id = %s AND user_id = %s RETURNING media_type, source",
+                (job.document_id, job.user_id),
             )
             return await cur.fetchone()
 
-    async def finish_document(
-        self, doc_id: uuid.UUID, user_id: str, chunks: Sequence[Chunk], vectors: np.ndarray
+    async def _end_job(self, conn: AsyncConnection, job: Job, worker: str) -> None:
+        cur = await conn.execute(
+            "DELETE FROM ingest_jobs WHERE document_id = %s AND leased_by = %s",
+            (job.document_id, worker),
+        )
+        if cur.rowcount == 0:
+            raise LeaseLost(f"lost the lease on {job.document_id}")
+
+    async def finish_job(
+        self, job: Job, worker: str, chunks: Sequence[Chunk], vectors: np.ndarray
     ) -> None:
-        """Write all chunks and mark the document ready, in one transaction."""
-        async with self.pool.connection() as conn, conn.transaction():
-            await conn.execute("DELETE FROM chunks WHERE document_id = %s", (doc_id,))
+        """Write all chunks, mark the document ready and end the job, in one transaction."""
+        async with self.tenant(job.user_id) as conn:
+            await self._end_job(conn, job, worker)
+            await conn.execute("DELETE FROM chunks WHERE document_id = %s", (job.document_id,))
+            # COPY cannot write to a table under row-level security: COPY into a staging
+            # table, then one INSERT, which the policy's WITH CHECK still checks.
+            await conn.execute(
+                "CREATE TEMP TABLE chunk_stage (ordinal integer, text text, position jsonb, "
+                "embedding vector) ON COMMIT DROP"
+            )
             async with conn.cursor().copy(
-                "COPY chunks (document_id, user_id, ordinal, text, position, embedding) FROM STDIN"
+                "COPY chunk_stage (ordinal, text, position, embedding) FROM STDIN"
             ) as copy:
                 for ordinal, (chunk, vector) in enumerate(zip(chunks, vectors, strict=True)):
                     await copy.write_row(
-                        (
-                            doc_id,
-                            user_id,
-                            ordinal,
-                            chunk.text,
-                            json.dumps(chunk.position),
-                            "[" + ",".join(f"{x:.7g}" for x in vector) + "]",
-                        )
+                        (ordinal, chunk.text, json.dumps(chunk.position), vector_literal(vector))
                     )
             await conn.execute(
-                "UPDATE documents SET status = 'ready', chunk_count = %s, body = NULL, "
+                "INSERT INTO chunks (document_id, user_id, ordinal, text, position, embedding) "
+                "SELECT %s, %s, ordinal, text, position, embedding FROM chunk_stage",
+                (job.document_id, job.user_id),
+            )
+            await conn.execute(
+                "UPDATE documents SET status = 'ready', chunk_count = %s, source = NULL, "
                 "error = NULL, updated_at = now() WHERE id = %s",
-                (len(chunks), doc_id),
+                (len(chunks), job.document_id),
             )
 
-    async def fail_document(self, doc_id: uuid.UUID, reason: str) -> None:
-        async with self.pool.connection() as conn:
+    async def fail_job(self, job: Job, worker: str, reason: str) -> None:
+        """End the job for good: the document is failed with a reason."""
+        async with self.tenant(job.user_id) as conn:
+            await self._end_job(conn, job, worker)
             await conn.execute(
-                "UPDATE documents SET status = 'failed', error = %s, body = NULL, "
+                "UPDATE documents SET status = 'failed', error = %s, source = NULL, "
                 "updated_at = now() WHERE id = %s",
-                (reason, doc_id),
+                (reason, job.document_id),
+            )
+
+    async def retry_job(self, job: Job, worker: str, delay_s: float, reason: str) -> None:
+        """Give the job back, to be tried again after delay_s."""
+        async with self.tenant(job.user_id) as conn:
+            cur = await conn.execute(
+                "UPDATE ingest_jobs SET leased_by = NULL, lease_until = NULL, last_error = %s, "
+                "run_after = now() + make_interval(secs => %s) "
+                "WHERE document_id = %s AND leased_by = %s",
+                (reason, delay_s, job.document_id, worker),
+            )
+            if cur.rowcount == 0:
+                raise LeaseLost(f"lost the lease on {job.document_id}")
+            await conn.execute(
+                "UPDATE documents SET status = 'pending', error = %s, updated_at = now() "
+                "WHERE id = %s",
+                (f"will retry: {reason}", job.document_id),
             )
 
     # search --------------------------------------------------------------------
@@ -167,11 +270,20 @@ class Store:
         k: int,
         document_ids: list[uuid.UUID],
         metadata: dict[str, Any],
+        exact: bool = False,
     ) -> list[dict[str, Any]]:
+        """The k nearest chunks by cosine distance; exact=True scans instead of the index."""
         where, params = self._filters(user_id, document_ids, metadata)
-        async with self.pool.connection() as conn, conn.transaction():
-            # Keep scanning the HNSW graph until k rows pass the tenant/filter clauses.
-            await conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+        async with self.tenant(user_id) as conn:
+            if exact:
+                await conn.execute("SET LOCAL enable_indexscan = off")
+            else:
+                # Keep walking the graph until k rows pass the tenant and filter clauses.
+                await conn.execute(
+                    "SELECT set_config('hnsw.ef_search', %s, true), "
+                    "set_config('hnsw.iterative_scan', %s, true)",
+                    (str(self.ef_search), "relaxed_order" if self.iterative_scan else "off"),
+                )
             async with conn.cursor(row_factory=dict_row) as cur:
                 await cur.execute(
                     "SELECT * FROM (SELECT c.id AS chunk_id, c.document_id, d.title, c.text, "
@@ -193,7 +305,7 @@ class Store:
         where, params = self._filters(user_id, document_ids, metadata)
         # Any query term may match (OR), ranked by cover density.
         tsquery = "to_tsquery('english', replace(plainto_tsquery('english', %s)::text, '&', '|'))"
-        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        async with self.tenant(user_id) as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(
                 f"SELECT c.id AS chunk_id, c.document_id, d.title, c.text, c.position, "
                 f"d.metadata, ts_rank_cd(c.tsv, q) AS score "

@@ -1,0 +1,460 @@
+"""The retriever against the real embedded PostgreSQL: formats, durable jobs, isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import numpy as np
+import psycopg
+import pytest
+from pgvector.psycopg import register_vector_async
+from psycopg.conninfo import make_conninfo
+from psycopg_pool import AsyncConnectionPool
+
+from ragctl.stack import Stack, free_port, wait_ready
+from services.retriever import schema
+from services.retriever.store import Store
+from tests.conftest import wait_until_ready
+from tests.documents import make_docx, make_encrypted_pdf, make_html, make_pdf
+
+SERVICE_TOKEN = "retriever-test-token"
+
+
+def create_database(stack: Stack) -> str:
+    """A fresh database in the embedded cluster; its owner's URL."""
+    assert stack.database_url is not None
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return make_conninfo(stack.database_url, dbname=name)
+
+
+def as_app_role(url: str) -> str:
+    return make_conninfo(url, user="rag_app")
+
+
+@contextmanager
+def retriever_process(
+    stack: Stack, database_url: str, embedder_url: str, **env: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A second retriever on its own port and database, e.g. to be killed mid-job."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.retriever"],
+        env={
+            **os.environ,
+            "RETRIEVER_HOST": "127.0.0.1",
+            "RETRIEVER_PORT": str(port),
+            "RETRIEVER_DATABASE_URL": database_url,
+            "RETRIEVER_APP_DATABASE_URL": as_app_role(database_url),
+            "RETRIEVER_EMBEDDER_URL": embedder_url,
+            "RETRIEVER_SERVICE_TOKEN": SERVICE_TOKEN,
+            "RETRIEVER_EMBEDDER_WAIT_S": "30",
+            **env,
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        yield f"http://127.0.0.1:{port}", proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+class FaultyEmbedder:
+    """A proxy in front of the real embedder that can stall or refuse embedding calls."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.mode = "forward"  # or "stall", "refuse"
+        self.embed_calls = 0
+        self.release = threading.Event()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _relay(self, method: str) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                if self.path.startswith("/v1/embeddings"):
+                    proxy.embed_calls += 1
+                    if proxy.mode == "stall":
+                        proxy.release.wait(60)
+                        return
+                    if proxy.mode == "refuse":
+                        self.send_response(503)
+                        self.send_header("content-length", "0")
+                        self.end_headers()
+                        return
+                resp = httpx.request(
+                    method,
+                    proxy.target + self.path,
+                    content=body or None,
+                    headers={"content-type": "application/json"},
+                    timeout=60,
+                )
+                self.send_response(resp.status_code)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(resp.content)))
+                self.end_headers()
+                self.wfile.write(resp.content)
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._relay("GET")
+
+            def do_POST(self) -> None:  # noqa: N802
+                self._relay("POST")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def faulty_embedder(stack: Stack) -> Iterator[FaultyEmbedder]:
+    proxy = FaultyEmbedder(stack.url("embedder"))
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+def upload(client: httpx.Client, name: str, raw: bytes, media_type: str, **meta: str) -> dict:
+    resp = client.post(
+        "/v1/documents",
+        files={"file": (name, raw, media_type)},
+        data={"metadata": json.dumps(meta)} if meta else None,
+    )
+    assert resp.status_code in (200, 202), resp.text
+    return dict(resp.json())
+
+
+def search(client: httpx.Client, query: str, **body: object) -> list[dict]:
+    resp = client.post("/v1/search", json={"query": query, **body})
+    assert resp.status_code == 200, resp.text
+    return list(resp.json()["data"])
+
+
+def test_every_format_ingests_with_its_positions(client: httpx.Client) -> None:
+    tag = uuid.uuid4().hex[:8]
+    docx = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
+    uploads = {
+        "pdf": (
+            "manual.pdf",
+            make_pdf([f"Page one covers setup {tag}.", f"The pump model {tag} is the Kestrel 9."]),
+            "application/pdf",
+        ),
+        "docx": (
+            "handbook.docx",
+            make_docx([("Heading 1", "Holidays"), ("Normal", f"Staff {tag} get 31 days off.")]),
+            docx,
+        ),
+        "html": (
+            "page.html",
+            make_html([("Opening hours", [f"The depot {tag} opens at 07:30 on weekdays."])]),
+            "text/html",
+        ),
+        "md": ("notes.md", f"# Tides\n\nHigh tide at harbour {tag} is at 14:10.".encode(), ""),
+        "txt": ("plain.txt", f"The locker code at site {tag} is 4471.".encode(), "text/plain"),
+    }
+    docs = {kind: upload(client, *spec, kind=kind) for kind, spec in uploads.items()}
+    for kind, doc in docs.items():
+        ready = wait_until_ready(client, doc["id"])
+        assert ready["status"] == "ready", (kind, ready)
+    checks = {
+        "pdf": ("Which pump model?", "Kestrel 9", {"page": 1, "page_end": 2}),
+        "docx": ("How many days off do staff get?", "31 days", {"heading": "Holidays"}),
+        "html": ("When does the depot open?", "07:30", {"heading": "Opening hours"}),
+        "md": ("When is high tide?", "14:10", {"heading": "Tides"}),
+        "txt": ("What is the locker code?", "4471", {}),
+    }
+    for kind, (query, expected, position) in checks.items():
+        hits = search(client, f"{query} {tag}", k=3, document_ids=[docs[kind]["id"]])
+        assert hits and expected in hits[0]["text"], (kind, hits)
+        assert position.items() <= hits[0]["position"].items(), (kind, hits[0]["position"])
+    listed = client.get("/v1/documents", params={"metadata": json.dumps({"kind": "pdf"})})
+    assert docs["pdf"]["id"] in [d["id"] for d in listed.json()["data"]]
+    assert all(d["metadata"]["kind"] == "pdf" for d in listed.json()["data"])
+
+
+def test_unreadable_documents_fail_with_a_reason(client: httpx.Client) -> None:
+    tag = uuid.uuid4().hex
+    keeper = upload(client, "keeper.md", f"# Keep\n\nThe keeper {tag} stays.".encode(), "")
+    pdf = make_pdf([f"Secret plans {tag}."])
+    failing = {
+        "password-protected": make_encrypted_pdf([f"Locked {tag}."], "hunter2"),
+        "corrupt": pdf[: len(pdf) // 2],
+        "no text": make_pdf([""]),
+    }
+    docs = {
+        reason: upload(client, f"{reason}.pdf", raw, "application/pdf")
+        for reason, raw in failing.items()
+    }
+    for reason, doc in docs.items():
+        done = wait_until_ready(client, doc["id"])
+        assert done["status"] == "failed", (reason, done)
+        assert reason.split("-")[0] in done["error"].lower(), (reason, done["error"])
+    for name, raw, media_type in (
+        ("fake.pdf", b"GIF89a not a pdf", "application/pdf"),
+        ("fake.docx", b"plain bytes", ""),
+    ):
+        resp = client.post("/v1/documents", files={"file": (name, raw, media_type)})
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["error"]["message"]
+    assert wait_until_ready(client, keeper["id"])["status"] == "ready"
+
+
+async def test_chunks_fit_the_embedder_window_and_keep_headings(
+    stack: Stack, client: httpx.Client
+) -> None:
+    sentence = "The quick brown fox jumps over the lazy dog near the riverbank at dawn. "
+    runon = " ".join(f"word{i} antidisestablishmentarianism" for i in range(400))  # no full stops
+    text = f"# Alpha\n\n{sentence * 60}\n\n## Beta\n\n{runon}\n\n## Gamma\n\nShort closing line."
+    doc = upload(client, f"long-{uuid.uuid4().hex}.md", text.encode(), "text/markdown")
+    assert wait_until_ready(client, doc["id"])["status"] == "ready"
+    assert stack.database_url is not None
+    async with await psycopg.AsyncConnection.connect(stack.database_url) as conn:
+        cur = await conn.execute(
+            "SELECT ordinal, text, position FROM chunks WHERE document_id = %s ORDER BY ordinal",
+            (uuid.UUID(doc["id"]),),
+        )
+        rows = await cur.fetchall()
+    assert [row[0] for row in rows] == list(range(len(rows)))
+    counts = httpx.post(
+        f"{stack.url('embedder')}/tokenize",
+        json={"input": [row[1] for row in rows], "input_type": "passage"},
+    ).json()
+    assert max(item["tokens"] for item in counts["data"]) <= counts["max_tokens"]
+    headings = [row[2].get("heading") for row in rows]
+    assert headings[0] == "Alpha" and headings[-1] == "Gamma" and "Beta" in headings
+    assert len(rows) >= 6, "a long document is split into several chunks"
+    # Consecutive chunks of one section overlap.
+    alpha = [row[1] for row in rows if row[2].get("heading") == "Alpha"]
+    assert alpha[1].startswith(alpha[0].split(". ")[-2].strip()[:20]) or alpha[0][-40:] in alpha[1]
+
+
+def test_a_killed_workers_job_completes_once_after_its_lease(
+    stack: Stack, faulty_embedder: FaultyEmbedder
+) -> None:
+    url = create_database(stack)
+    headers = {"Authorization": f"Bearer {SERVICE_TOKEN}", "X-Tenant-Id": "tenant-kill"}
+    text = "# Lighthouse\n\n" + "The lighthouse keeper logs every passing ship. " * 200
+    faulty_embedder.mode = "stall"
+    env = {"RETRIEVER_INGEST_LEASE_S": "3", "RETRIEVER_INGEST_POLL_S": "0.2"}
+    with retriever_process(stack, url, faulty_embedder.url, **env) as (base, proc):
+        assert wait_ready(base, 60, proc), proc.stderr.read().decode() if proc.stderr else ""
+        resp = httpx.post(
+            f"{base}/documents",
+            json={"title": "Lighthouse", "text": text, "media_type": "text/markdown"},
+            headers=headers,
+        )
+        assert resp.status_code == 202, resp.text
+        doc_id = resp.json()["id"]
+        deadline = time.monotonic() + 30
+        while faulty_embedder.embed_calls == 0:  # the worker is now mid-job
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+    with psycopg.connect(url) as conn:
+        job = conn.execute(
+            "SELECT attempts, leased_by IS NOT NULL FROM ingest_jobs WHERE document_id = %s",
+            (doc_id,),
+        ).fetchone()
+        assert job == (1, True)
+        assert conn.execute("SELECT count(*) FROM chunks").fetchone() == (0,)
+    # The embedder is down for a while when the next replica takes over: it backs off.
+    faulty_embedder.mode = "refuse"
+    with retriever_process(stack, url, faulty_embedder.url, **env) as (base, proc):
+        assert wait_ready(base, 60, proc)
+        deadline = time.monotonic() + 30
+        while True:
+            doc = httpx.get(f"{base}/documents/{doc_id}", headers=headers).json()
+            if doc["status"] == "pending" and "will retry" in (doc["error"] or ""):
+                break
+            assert time.monotonic() < deadline, doc
+            time.sleep(0.2)
+        faulty_embedder.mode = "forward"
+        deadline = time.monotonic() + 60
+        while doc["status"] != "ready":
+            assert doc["status"] in ("pending", "processing"), doc
+            assert time.monotonic() < deadline, doc
+            time.sleep(0.2)
+            doc = httpx.get(f"{base}/documents/{doc_id}", headers=headers).json()
+        again = httpx.post(
+            f"{base}/documents",
+            json={"title": "Again", "text": text, "media_type": "text/markdown"},
+            headers=headers,
+        )
+        assert again.status_code == 200 and again.json()["duplicate"] is True
+    with psycopg.connect(url) as conn:
+        ordinals = [r[0] for r in conn.execute("SELECT ordinal FROM chunks ORDER BY ordinal")]
+        assert ordinals == list(range(doc["chunk_count"])) and ordinals
+        assert conn.execute("SELECT count(*) FROM ingest_jobs").fetchone() == (0,)
+
+
+def test_a_different_embedding_model_is_refused(stack: Stack) -> None:
+    url = create_database(stack)
+    schema.migrate(url, "model-a", 384)
+    schema.migrate(url, "model-a", 384)  # twice is fine
+    with pytest.raises(schema.ModelMismatchError, match="model-a"):
+        schema.migrate(url, "model-b", 384)
+    with pytest.raises(schema.ModelMismatchError, match="768"):
+        schema.migrate(url, "model-a", 768)
+    # The service itself refuses to start on it, and says why.
+    with retriever_process(stack, url, stack.url("embedder")) as (base, proc):
+        assert proc.wait(timeout=60) != 0
+        assert proc.stderr is not None
+        assert "holds embeddings of model-a" in proc.stderr.read().decode()
+
+
+def test_migrations_are_safe_concurrently_and_twice(stack: Stack) -> None:
+    url = create_database(stack)
+    with ThreadPoolExecutor(3) as pool:
+        runs = [pool.submit(schema.migrate, url, "m", 8, hnsw_m=8) for _ in range(3)]
+        for run in runs:
+            run.result()
+    schema.migrate(url, "m", 8, hnsw_m=8, hnsw_ef_construction=40)
+    with psycopg.connect(url) as conn:
+        versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
+        assert versions == list(range(1, len(schema.MIGRATIONS) + 1))
+        options = conn.execute(
+            "SELECT reloptions FROM pg_class WHERE relname = 'chunks_embedding_hnsw'"
+        ).fetchone()
+        assert options is not None and set(options[0]) == {"m=8", "ef_construction=40"}
+
+
+def test_row_level_security_binds_the_application_role(stack: Stack) -> None:
+    url = create_database(stack)
+    schema.migrate(url, "m", 3)
+    with psycopg.connect(as_app_role(url), autocommit=True) as conn:
+        for tenant in ("alice", "bob"):
+            with conn.transaction():
+                conn.execute("SELECT set_config('app.user_id', %s, true)", (tenant,))
+                conn.execute(
+                    "INSERT INTO documents (id, user_id, title, content_hash, media_type) "
+                    "VALUES (%s, %s, 'doc', 'h', 'text/plain')",
+                    (uuid.uuid4(), tenant),
+                )
+        with conn.transaction():
+            conn.execute("SELECT set_config('app.user_id', 'alice', true)")
+            # A forged tenant in the SQL parameters reads, changes and writes nothing of bob's.
+            assert conn.execute(
+                "SELECT count(*) FROM documents WHERE user_id = %s", ("bob",)
+            ).fetchone() == (0,)
+            cur = conn.execute("UPDATE documents SET title = 'x' WHERE user_id = %s", ("bob",))
+            assert cur.rowcount == 0
+            assert conn.execute("SELECT count(*) FROM documents").fetchone() == (1,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+            with conn.transaction():
+                conn.execute("SELECT set_config('app.user_id', 'alice', true)")
+                conn.execute(
+                    "INSERT INTO documents (id, user_id, title, content_hash, media_type) "
+                    "VALUES (%s, 'bob', 'forged', 'h2', 'text/plain')",
+                    (uuid.uuid4(),),
+                )
+        # The tenant ended with its transaction: this connection now sees nobody's rows.
+        assert conn.execute("SELECT count(*) FROM documents").fetchone() == (0,)
+        for statement in (
+            "ALTER TABLE documents DISABLE ROW LEVEL SECURITY",
+            "SET ROLE postgres",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
+        conn.execute("SET row_security = off")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT count(*) FROM documents")
+
+
+async def test_tenants_never_cross_through_a_shared_pool(stack: Stack) -> None:
+    """Two tenants interleaved on one pooled connection each see only their own rows."""
+    assert stack.database_url is not None
+
+    async def configure(conn: psycopg.AsyncConnection) -> None:
+        await register_vector_async(conn)
+
+    async with AsyncConnectionPool(
+        as_app_role(stack.database_url),
+        min_size=1,
+        max_size=1,
+        configure=configure,
+        kwargs={"autocommit": True},
+    ) as pool:
+        store = Store(pool)
+        tenants = {f"pool-{name}-{uuid.uuid4().hex[:6]}": name for name in ("red", "blue")}
+        docs = {}
+        for tenant, colour in tenants.items():
+            text = "\n\n".join(
+                f"The {colour} team stores crate {i} in warehouse {colour.upper()}-{i}."
+                for i in range(300)
+            )
+            doc, created = await store.create_document(
+                tenant, f"{colour} inventory", "text/plain", {"colour": colour}, text.encode(), "h"
+            )
+            assert created
+            docs[tenant] = doc["id"]
+        # The stack's retriever shares this database: its workers ingest these jobs.
+        deadline = time.monotonic() + 60
+        for tenant, doc_id in docs.items():
+            while (await store.get_document(tenant, doc_id) or {}).get("status") != "ready":
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+        embedded = httpx.post(
+            f"{stack.url('embedder')}/v1/embeddings", json={"input": "where is the crate"}
+        )
+        vector = np.array(embedded.json()["data"][0]["embedding"], dtype=np.float32)
+
+        async def look(tenant: str) -> set[str]:
+            seen: set[str] = set()
+            hits = await store.vector_search(tenant, vector, 10, [], {})
+            assert len(hits) == 10, "iterative scans give a small tenant its k results"
+            hits += await store.text_search(tenant, "crate warehouse", 10, [], {})
+            listed = await store.list_documents(tenant, 100, None, None)
+            seen |= {str(hit["document_id"]) for hit in hits}
+            seen |= {str(doc["id"]) for doc in listed}
+            return seen
+
+        tenant_list = list(tenants) * 10
+        results = await asyncio.gather(*(look(tenant) for tenant in tenant_list))
+        for tenant, seen in zip(tenant_list, results, strict=True):
+            assert seen == {str(docs[tenant])}, tenant
+        for tenant in tenants:
+            other = next(t for t in tenants if t != tenant)
+            assert await store.get_document(tenant, docs[other]) is None
+            assert not await store.delete_document(tenant, docs[other])
+        for tenant, doc_id in docs.items():
+            assert await store.delete_document(tenant, doc_id)
+    with psycopg.connect(stack.database_url) as conn:
+        left = conn.execute(
+            "SELECT (SELECT count(*) FROM chunks WHERE document_id = ANY(%s)) + "
+            "(SELECT count(*) FROM ingest_jobs WHERE document_id = ANY(%s))",
+            (list(docs.values()), list(docs.values())),
+        ).fetchone()
+        assert left == (0,), "delete removes the chunks and the job with the document"
