@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from services.retriever.chunking import chunk_blocks
 from services.retriever.parsing import Block
 
@@ -63,3 +65,8 @@ async def test_a_counter_that_is_not_additive_is_still_respected() -> None:
     text = " ".join(f"Item {i} ships today." for i in range(60))
     chunks = await chunk_blocks([Block(text, None, None)], merging, 40, 4)
     assert max(await merging([c.text for c in chunks])) <= 40
+
+
+async def test_bad_sizes_are_refused() -> None:
+    with pytest.raises(ValueError):
+        await chunk_blocks([Block("x", None, None)], words, max_tokens=10, overlap_tokens=5)

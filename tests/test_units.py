@@ -2,30 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 from services.gateway import rag
-from services.retriever.chunking import chunk_text
 from services.retriever.store import fuse_rankings
-
-
-def test_chunks_respect_headings_and_size() -> None:
-    words = " ".join(f"word{i}." for i in range(300))
-    text = f"# Intro\n\nShort intro.\n\n## Long\n\n{words}\n\n## End\n\nThe end."
-    chunks = chunk_text(text, max_words=50, overlap_words=10)
-    assert all(len(c.text.split()) <= 50 for c in chunks)
-    assert chunks[0].position["heading"] == "Intro" and chunks[0].text == "Short intro."
-    assert chunks[-1].position["heading"] == "End"
-    long_chunks = [c for c in chunks if c.position["heading"] == "Long"]
-    # consecutive chunks of a section overlap, so no sentence is cut off from its context
-    assert long_chunks[1].text.split()[0] in long_chunks[0].text.split()
-    assert " ".join(c.text for c in long_chunks).count("word299.") >= 1
-    assert [c.position["chunk"] for c in chunks] == list(range(len(chunks)))
-
-
-def test_chunking_rejects_bad_sizes() -> None:
-    with pytest.raises(ValueError):
-        chunk_text("x", max_words=10, overlap_words=10)
 
 
 def test_reciprocal_rank_fusion_prefers_agreement() -> None:

@@ -1,0 +1,412 @@
+"""Retriever: HNSW vs exact search, per-tenant filtered search, ingestion vs the embedder.
+
+1. Index: 100k synthetic 384-d vectors (clustered, low intrinsic dimension, like sentence
+   embeddings), HNSW at the service's default m / ef_construction / ef_search against an
+   exact scan in the same database: recall@10 (against numpy brute force) and QPS ratio.
+2. Tenants: the same rows spread over 100 tenants (1% each, interleaved), searched the way
+   the service does (application role, row-level security, iterative index scans) against
+   the same query forced to an exact scan: recall@10, how often k rows come back, QPS.
+3. Ingestion: SciFact abstracts (../shared/data, or generated text without it) uploaded to a
+   real retriever + embedder, chunks/s until all are ready, against the embedder's own
+   chunks/s on the same chunk texts; rounds alternate. Then HNSW vs exact on those real
+   chunk embeddings with SciFact claims as queries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psycopg
+from pgvector.psycopg import register_vector, register_vector_async
+from psycopg.conninfo import make_conninfo
+from psycopg_pool import AsyncConnectionPool
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import report  # noqa: E402
+from ragctl.stack import free_port, wait_ready  # noqa: E402
+from services.retriever import schema  # noqa: E402
+from services.retriever.embedded_pg import (  # noqa: E402
+    start_embedded_postgres,
+    stop_embedded_postgres,
+)
+from services.retriever.settings import RetrieverSettings  # noqa: E402
+from services.retriever.store import Store  # noqa: E402
+
+SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
+DIM = 384
+K = 10
+TOKEN = "bench-service-token"
+
+
+def synthetic_vectors(n: int, seed: int) -> np.ndarray:
+    """Unit vectors around 500 cluster centres in a 48-d subspace of 384-d, plus noise."""
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(DIM, 48)))
+    centres = np.random.default_rng(1).normal(size=(500, 48))
+    latent = centres[rng.integers(0, 500, n)] + rng.normal(scale=0.8, size=(n, 48))
+    x = latent @ basis.T + rng.normal(scale=0.08, size=(n, DIM))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def exact_top_k(data: np.ndarray, queries: np.ndarray, k: int) -> list[set[int]]:
+    sims = queries @ data.T
+    return [set(np.argpartition(-row, k)[:k].tolist()) for row in sims]
+
+
+def recall(found: list[set[int]], truth: list[set[int]]) -> float:
+    return float(np.mean([len(f & t) / len(t) for f, t in zip(found, truth, strict=True)]))
+
+
+def load_rows(url: str, vectors: np.ndarray, tenants: int) -> None:
+    """Chunks of one document per tenant, row i in tenant i % tenants; index built after."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        register_vector(conn)
+        conn.execute("DROP INDEX chunks_embedding_hnsw")
+        docs = []
+        for t in range(tenants):
+            doc_id = uuid.UUID(int=t + 1)
+            docs.append(doc_id)
+            conn.execute(
+                "INSERT INTO documents (id, user_id, title, content_hash, media_type, status) "
+                "VALUES (%s, %s, %s, %s, 'text/plain', 'ready')",
+                (doc_id, f"t{t:03d}", f"doc {t}", f"h{t}"),
+            )
+        with conn.cursor().copy(
+            "COPY chunks (id, document_id, user_id, ordinal, text, embedding) "
+            "FROM STDIN WITH (FORMAT BINARY)"
+        ) as copy:
+            copy.set_types(["int8", "uuid", "text", "int4", "text", "vector"])
+            for i, vector in enumerate(vectors):
+                t = i % tenants
+                copy.write_row((i, docs[t], f"t{t:03d}", i // tenants, f"chunk {i}", vector))
+        conn.execute("ANALYZE documents, chunks")
+
+
+def build_index(url: str, settings: RetrieverSettings) -> float:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SET maintenance_work_mem = '1GB'")
+        start = time.perf_counter()
+        conn.execute(
+            f"CREATE INDEX chunks_embedding_hnsw ON chunks USING hnsw "
+            f"(embedding vector_cosine_ops) WITH (m = {settings.hnsw_m}, "
+            f"ef_construction = {settings.hnsw_ef_construction})"
+        )
+        return time.perf_counter() - start
+
+
+def index_side_by_side(
+    url: str, queries: np.ndarray, truth: list[set[int]], ef_search: int
+) -> dict[str, Any]:
+    """The index alone: one ORDER BY over all rows, HNSW vs a forced exact scan."""
+    sql = "SELECT id FROM chunks ORDER BY embedding <=> %s LIMIT %s"
+    out: dict[str, Any] = {}
+    with psycopg.connect(url, autocommit=True) as conn:
+        register_vector(conn)
+        conn.execute(f"SET hnsw.ef_search = {ef_search}")
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + sql, (queries[0], K)))
+        assert "chunks_embedding_hnsw" in plan, plan
+        for side, setup in (
+            ("hnsw", "SET enable_indexscan = on"),
+            ("exact", "SET enable_indexscan = off"),
+        ):
+            conn.execute(setup)
+            found, start = [], time.perf_counter()
+            for q in queries:
+                found.append({r[0] for r in conn.execute(sql, (q, K))})
+            elapsed = time.perf_counter() - start
+            out[side] = {"recall_at_10": recall(found, truth), "qps": len(queries) / elapsed}
+    out["qps_ratio"] = out["hnsw"]["qps"] / out["exact"]["qps"]
+    return out
+
+
+async def tenant_side_by_side(
+    app_url: str,
+    queries: np.ndarray,
+    vectors: np.ndarray,
+    tenants: int,
+    ef_search: int,
+    tenant_of_query: list[str] | None = None,
+) -> dict[str, Any]:
+    """Searches as the service makes them (RLS, iterative scans) vs the same forced exact."""
+
+    async def configure(conn: psycopg.AsyncConnection) -> None:
+        await register_vector_async(conn)
+
+    async with AsyncConnectionPool(
+        app_url, min_size=1, max_size=1, configure=configure, kwargs={"autocommit": True}
+    ) as pool:
+        store = Store(pool, ef_search=ef_search)
+        names = tenant_of_query or [f"t{i % tenants:03d}" for i in range(len(queries))]
+        out: dict[str, Any] = {}
+        results: dict[str, list[list[dict[str, Any]]]] = {}
+        for side in ("hnsw", "exact"):
+            hits_all, start = [], time.perf_counter()
+            for name, q in zip(names, queries, strict=True):
+                hits_all.append(
+                    await store.vector_search(name, q, K, [], {}, exact=side == "exact")
+                )
+            elapsed = time.perf_counter() - start
+            results[side] = hits_all
+            out[side] = {
+                "qps": len(queries) / elapsed,
+                "k_results_share": float(np.mean([len(h) == K for h in hits_all])),
+            }
+    exact_ids = [{h["chunk_id"] for h in hits} for hits in results["exact"]]
+    hnsw_ids = [{h["chunk_id"] for h in hits} for hits in results["hnsw"]]
+    out["hnsw"]["recall_at_10"] = recall(hnsw_ids, exact_ids)
+    if vectors.size and tenant_of_query is None:
+        # The exact SQL scan agrees with numpy brute force over the tenant's own rows.
+        sample = []
+        for i, q in enumerate(queries[:20]):
+            t = i % tenants
+            rows = np.arange(t, len(vectors), tenants)
+            best = rows[np.argsort(-(vectors[rows] @ q))[:K]]
+            sample.append(len(set(best.tolist()) & exact_ids[i]) / K)
+        out["exact"]["agrees_with_numpy"] = float(np.mean(sample))
+    out["qps_ratio"] = out["hnsw"]["qps"] / out["exact"]["qps"]
+    return out
+
+
+# ingestion -------------------------------------------------------------------------
+
+
+def scifact_docs() -> tuple[list[dict[str, str]], list[str], str]:
+    if (SCIFACT / "corpus.jsonl").exists():
+        with (SCIFACT / "corpus.jsonl").open() as fh:
+            docs = [json.loads(line) for line in fh]
+        with (SCIFACT / "queries.jsonl").open() as fh:
+            queries = [json.loads(line)["text"] for line in fh]
+        return [{"title": d["title"], "text": d["text"]} for d in docs], queries, "scifact"
+    rng = random.Random(3)
+    words = "protein cell gene tumour patients risk trial dose brain signal mice levels".split()
+    docs = [
+        {
+            "title": f"doc {i}",
+            "text": ". ".join(
+                " ".join(rng.choice(words) for _ in range(rng.randint(8, 30)))
+                for _ in range(rng.randint(5, 15))
+            ),
+        }
+        for i in range(2000)
+    ]
+    return docs, [" ".join(rng.choice(words) for _ in range(8)) for _ in range(200)], "synthetic"
+
+
+def start(module: str, env: dict[str, str], url: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
+        stdout=subprocess.DEVNULL,
+    )
+    if not wait_ready(url, 300, proc):
+        proc.kill()
+        raise SystemExit(f"{module} did not start")
+    return proc
+
+
+async def ingest_round(base: str, admin_url: str, docs: list[dict[str, str]]) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {TOKEN}", "X-Tenant-Id": "scifact"}
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=120) as client:
+        start_t = time.perf_counter()
+        gate = asyncio.Semaphore(8)
+
+        async def upload(doc: dict[str, str]) -> str:
+            async with gate:
+                resp = await client.post("/documents", json=doc)
+                assert resp.status_code == 202, resp.text
+                return str(resp.json()["id"])
+
+        ids = await asyncio.gather(*(upload(d) for d in docs))
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        while True:
+            row = conn.execute(
+                "SELECT count(*) FILTER (WHERE status IN ('ready', 'failed')), "
+                "coalesce(sum(chunk_count), 0) FROM documents WHERE id = ANY(%s)",
+                (ids,),
+            ).fetchone()
+            assert row is not None
+            if row[0] == len(ids):
+                break
+            await asyncio.sleep(0.05)
+        elapsed = time.perf_counter() - start_t
+        texts = [
+            r[0]
+            for r in conn.execute(
+                "SELECT text FROM chunks WHERE document_id = ANY(%s) ORDER BY document_id, ordinal",
+                (ids,),
+            )
+        ]
+    return {"docs": len(ids), "chunks": int(row[1]), "seconds": elapsed, "texts": texts}
+
+
+async def embedder_round(embedder: str, texts: list[str], batch: int) -> float:
+    """The embedder alone on the same chunks, batches as the retriever sends them."""
+    async with httpx.AsyncClient(base_url=embedder, timeout=120) as client:
+        gate = asyncio.Semaphore(4)
+
+        async def embed(i: int) -> None:
+            async with gate:
+                body = {"input": texts[i : i + batch], "encoding_format": "base64"}
+                resp = await client.post("/v1/embeddings", json={**body, "input_type": "passage"})
+                assert resp.status_code == 200, resp.text
+
+        start_t = time.perf_counter()
+        await asyncio.gather(*(embed(i) for i in range(0, len(texts), batch)))
+        return len(texts) / (time.perf_counter() - start_t)
+
+
+async def embed_queries(embedder: str, queries: list[str]) -> np.ndarray:
+    async with httpx.AsyncClient(base_url=embedder, timeout=120) as client:
+        out = []
+        for i in range(0, len(queries), 32):
+            body = {
+                "input": queries[i : i + 32],
+                "encoding_format": "base64",
+                "input_type": "query",
+            }
+            data = (await client.post("/v1/embeddings", json=body)).json()["data"]
+            out += [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in data]
+        return np.stack(out)
+
+
+def ingestion(admin_url: str, docs_per_round: int, rounds: int, n_queries: int) -> dict[str, Any]:
+    docs, queries, source = scifact_docs()
+    random.Random(5).shuffle(docs)
+    embed_port, retr_port = free_port(), free_port()
+    embedder = f"http://127.0.0.1:{embed_port}"
+    base = f"http://127.0.0.1:{retr_port}"
+    settings = RetrieverSettings()
+    procs = [start("services.embedder", {"EMBEDDER_PORT": str(embed_port)}, embedder)]
+    try:
+        procs.append(
+            start(
+                "services.retriever",
+                {
+                    "RETRIEVER_PORT": str(retr_port),
+                    "RETRIEVER_DATABASE_URL": admin_url,
+                    "RETRIEVER_APP_DATABASE_URL": make_conninfo(admin_url, user="rag_app"),
+                    "RETRIEVER_EMBEDDER_URL": embedder,
+                    "RETRIEVER_SERVICE_TOKEN": TOKEN,
+                    "RETRIEVER_LOG_LEVEL": "warning",
+                },
+                base,
+            )
+        )
+        asyncio.run(ingest_round(base, admin_url, docs[:20]))  # warm-up
+        ingest_rates, embed_rates, chunks = [], [], 0
+        for r in range(rounds):
+            batch = docs[20 + r * docs_per_round : 20 + (r + 1) * docs_per_round]
+            result = asyncio.run(ingest_round(base, admin_url, batch))
+            ingest_rates.append(result["chunks"] / result["seconds"])
+            embed_rates.append(
+                asyncio.run(embedder_round(embedder, result["texts"], settings.embed_batch_size))
+            )
+            chunks += result["chunks"]
+            print(
+                f"round {r}: ingest {ingest_rates[-1]:.1f} chunks/s, embedder "
+                f"{embed_rates[-1]:.1f} chunks/s",
+                file=sys.stderr,
+            )
+        query_vectors = asyncio.run(embed_queries(embedder, queries[:n_queries]))
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(30)
+    real = asyncio.run(
+        tenant_side_by_side(
+            make_conninfo(admin_url, user="rag_app"),
+            query_vectors,
+            np.empty(0),
+            1,
+            settings.hnsw_ef_search,
+            tenant_of_query=["scifact"] * len(query_vectors),
+        )
+    )
+    ingest_rate, embed_rate = statistics.median(ingest_rates), statistics.median(embed_rates)
+    return {
+        "source": source,
+        "docs_per_round": docs_per_round,
+        "rounds": rounds,
+        "ingest_chunks_per_s": ingest_rates,
+        "embedder_chunks_per_s": embed_rates,
+        "ratio": ingest_rate / embed_rate,
+        "real_embeddings": {"chunks": chunks + 0, "queries": len(query_vectors), **real},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--vectors", type=int, default=100_000)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--tenants", type=int, default=100)
+    parser.add_argument("--docs-per-round", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--skip-ingestion", action="store_true")
+    args = parser.parse_args()
+    settings = RetrieverSettings()
+    result: dict[str, Any] = {
+        "hnsw": {
+            "m": settings.hnsw_m,
+            "ef_construction": settings.hnsw_ef_construction,
+            "ef_search": settings.hnsw_ef_search,
+        }
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        server, url = start_embedded_postgres(tmp)
+        try:
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("CREATE DATABASE bench_index")
+                conn.execute("CREATE DATABASE bench_ingest")
+            index_url = make_conninfo(url, dbname="bench_index")
+            schema.migrate(index_url, "synthetic-384", DIM)
+            vectors = synthetic_vectors(args.vectors, seed=11)
+            queries = synthetic_vectors(args.queries, seed=12)
+            start_t = time.perf_counter()
+            load_rows(index_url, vectors, args.tenants)
+            result["load_s"] = time.perf_counter() - start_t
+            result["index_build_s"] = build_index(index_url, settings)
+            truth = exact_top_k(vectors, queries, K)
+            result["index"] = index_side_by_side(index_url, queries, truth, settings.hnsw_ef_search)
+            print(json.dumps(result["index"]), file=sys.stderr)
+            result["tenants"] = asyncio.run(
+                tenant_side_by_side(
+                    make_conninfo(index_url, user="rag_app"),
+                    queries,
+                    vectors,
+                    args.tenants,
+                    settings.hnsw_ef_search,
+                )
+            )
+            result["tenants"]["selectivity"] = 1 / args.tenants
+            print(json.dumps(result["tenants"]), file=sys.stderr)
+            if not args.skip_ingestion:
+                result["ingestion"] = ingestion(
+                    make_conninfo(url, dbname="bench_ingest"),
+                    args.docs_per_round,
+                    args.rounds,
+                    args.queries,
+                )
+        finally:
+            stop_embedded_postgres(server)
+    result["vectors"], result["dimension"] = args.vectors, DIM
+    report("retriever", result)
+
+
+if __name__ == "__main__":
+    main()
