@@ -7,7 +7,6 @@ pooled connection never carries one user's tenant into another's request.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -36,10 +35,6 @@ class Job:
 
 class LeaseLost(RuntimeError):
     """Another worker took over this job (our lease ran out); drop our work."""
-
-
-def vector_literal(vector: np.ndarray) -> str:
-    return "[" + ",".join(f"{x:.7g}" for x in vector) + "]"
 
 
 class Store:
@@ -204,12 +199,12 @@ class Store:
                 "embedding vector) ON COMMIT DROP"
             )
             async with conn.cursor().copy(
-                "COPY chunk_stage (ordinal, text, position, embedding) FROM STDIN"
+                "COPY chunk_stage (ordinal, text, position, embedding) FROM STDIN "
+                "WITH (FORMAT BINARY)"
             ) as copy:
+                copy.set_types(["int4", "text", "jsonb", "vector"])
                 for ordinal, (chunk, vector) in enumerate(zip(chunks, vectors, strict=True)):
-                    await copy.write_row(
-                        (ordinal, chunk.text, json.dumps(chunk.position), vector_literal(vector))
-                    )
+                    await copy.write_row((ordinal, chunk.text, Jsonb(chunk.position), vector))
             await conn.execute(
                 "INSERT INTO chunks (document_id, user_id, ordinal, text, position, embedding) "
                 "SELECT %s, %s, ordinal, text, position, embedding FROM chunk_stage",
