@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mimetypes
 import os
 import signal
 import sys
@@ -47,7 +48,8 @@ def _fail(resp: httpx.Response) -> None:
 
 
 def upload(client: httpx.Client, path: Path) -> dict[str, Any]:
-    media = "text/markdown" if path.suffix.lower() in (".md", ".markdown") else "text/plain"
+    # The retriever goes by the extension first, then this type.
+    media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     with path.open("rb") as fh:
         resp = client.post(
             "/v1/documents",
@@ -227,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("token", help="print an access token for the local dev user").set_defaults(
         func=cmd_token
     )
-    ingest = sub.add_parser("ingest", help="upload documents (.md, .txt) and wait until ready")
+    ingest = sub.add_parser(
+        "ingest", help="upload documents (PDF, DOCX, HTML, Markdown, text) and wait until ready"
+    )
     ingest.add_argument("paths", nargs="+")
     ingest.add_argument("--no-wait", action="store_true")
     ingest.set_defaults(func=cmd_ingest)

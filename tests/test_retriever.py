@@ -19,13 +19,12 @@ import httpx
 import numpy as np
 import psycopg
 import pytest
-from pgvector.psycopg import register_vector_async
 from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 from ragctl.stack import Stack, free_port, wait_ready
 from services.retriever import schema
-from services.retriever.store import Store
+from services.retriever.store import Store, prepare_connection
 from tests.conftest import wait_until_ready
 from tests.documents import make_docx, make_encrypted_pdf, make_html, make_pdf
 
@@ -397,14 +396,11 @@ async def test_tenants_never_cross_through_a_shared_pool(stack: Stack) -> None:
     """Two tenants interleaved on one pooled connection each see only their own rows."""
     assert stack.database_url is not None
 
-    async def configure(conn: psycopg.AsyncConnection) -> None:
-        await register_vector_async(conn)
-
     async with AsyncConnectionPool(
         as_app_role(stack.database_url),
         min_size=1,
         max_size=1,
-        configure=configure,
+        configure=prepare_connection,
         kwargs={"autocommit": True},
     ) as pool:
         store = Store(pool)
@@ -458,3 +454,18 @@ async def test_tenants_never_cross_through_a_shared_pool(stack: Stack) -> None:
             (list(docs.values()), list(docs.values())),
         ).fetchone()
         assert left == (0,), "delete removes the chunks and the job with the document"
+
+
+async def test_local_token_counts_equal_the_embedders(stack: Stack) -> None:
+    """The retriever counts chunk tokens with the embedder's exported tokenizer."""
+    from services.retriever.embedder_client import EmbedderClient
+    from services.retriever.tokens import local_counter
+
+    texts = ["", "Hello world.", "Ünïcödé façade — naïve café", "x" * 3000, "word " * 400]
+    client = EmbedderClient(stack.url("embedder"))
+    try:
+        counter = await local_counter(client)
+        assert counter is not None
+        assert counter.count(texts) == await client.count_tokens(texts)
+    finally:
+        await client.aclose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -249,6 +250,20 @@ def create_app(settings: EmbedderSettings) -> FastAPI:
             data=[TokenCount(index=i, tokens=n) for i, n in enumerate(counts)],
         )
         return Response(result.model_dump_json(), media_type="application/json")
+
+    @app.get("/tokenizer", responses=ERROR_RESPONSES)
+    async def tokenizer(request: Request) -> Response:
+        """The model's tokenizer (a `tokenizers` JSON document) and its prompts, so a client
+        can count tokens as /tokenize does without a request per text."""
+        model = current_model(request)
+        if model.tokenizer_json is None:
+            raise APIError(404, "this model's tokenizer cannot be exported; use /tokenize")
+        prompts = {kind: model.prompt_for(kind) for kind in ("query", "passage")}
+        body = (
+            f'{{"model": {json.dumps(model.name)}, "max_tokens": {model.max_seq_length}, '
+            f'"prompts": {json.dumps(prompts)}, "tokenizer": {model.tokenizer_json}}}'
+        )
+        return Response(body, media_type="application/json")
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:

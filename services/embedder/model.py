@@ -67,6 +67,9 @@ class LoadedModel:
     # raise "Already borrowed" when one object is used from two threads while truncation
     # changes, so the model thread's tokenizer (encoder.tokenizer) is never shared.
     counting_tokenizer: Any
+    # The tokenizer as a `tokenizers` JSON document (None if the model has no fast
+    # tokenizer): clients that count many texts can count locally with the same rules.
+    tokenizer_json: str | None = None
 
     def prompt_for(self, input_type: str | None) -> str:
         """The prefix the model was trained with for queries or passages ('' if none)."""
@@ -121,6 +124,8 @@ def load_model(model: str, device: str, served_name: str | None) -> LoadedModel:
         # Copied here, on the model thread, before any other thread can use the original.
         counting_tokenizer=copy.deepcopy(encoder.tokenizer),
     )
+    backend = getattr(loaded.counting_tokenizer, "backend_tokenizer", None)
+    loaded.tokenizer_json = backend.to_str() if backend is not None else None
     # Warm-up: the first forward pass allocates and picks kernels; do it before /readyz.
     warm = loaded.tokenize(["warm-up"] * 4, truncate=True)
     extra = [{k: warm[k][i] for k in warm if k != "input_ids"} for i in range(4)]

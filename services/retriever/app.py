@@ -15,7 +15,6 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pgvector.psycopg import register_vector_async
 from psycopg import AsyncConnection, sql
 from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool
@@ -30,7 +29,7 @@ from services.retriever.embedder_client import EmbedderClient, EmbedderUnavailab
 from services.retriever.ingest import Ingestor, content_hash
 from services.retriever.parsing import ParseError, check_upload, media_type_of
 from services.retriever.settings import RetrieverSettings
-from services.retriever.store import Store, fuse_rankings
+from services.retriever.store import Store, fuse_rankings, prepare_connection
 
 logger = logging.getLogger(__name__)
 
@@ -194,8 +193,7 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
                     await conn.execute(
                         sql.SQL("SET ROLE {}").format(sql.Identifier(settings.app_role))
                     )
-                await register_vector_async(conn)
-                await conn.commit()
+                await prepare_connection(conn)
 
             pool = AsyncConnectionPool(
                 app_url or admin_url,

@@ -48,6 +48,14 @@ class EmbedderClient:
                     ) from exc
                 await asyncio.sleep(0.5)
 
+    async def tokenizer_spec(self) -> dict | None:
+        """The model's tokenizer and prompts (GET /tokenizer); None if it cannot export one."""
+        resp = await self._http.get("/tokenizer")
+        if resp.status_code == 404:
+            return None
+        resp.raise_for_status()
+        return resp.json()
+
     async def count_tokens(self, texts: list[str], input_type: str = "passage") -> list[int]:
         """How many tokens the model reads for each text (special tokens and prompt included)."""
         counts: list[int] = []
@@ -70,6 +78,10 @@ class EmbedderClient:
             counts.extend(int(item["tokens"]) for item in data)
             start = end
         return counts
+
+    async def embed_rows(self, texts: list[str]) -> list[np.ndarray]:
+        """Passage vectors, one array per text."""
+        return list(await self.embed(texts))
 
     async def embed(self, texts: list[str], input_type: str = "passage") -> np.ndarray:
         """Vectors for passages (ingestion) or a query (search)."""

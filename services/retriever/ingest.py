@@ -13,14 +13,17 @@ import uuid
 import numpy as np
 
 from services.retriever.chunking import chunk_blocks
+from services.retriever.coalesce import Coalescer
 from services.retriever.embedder_client import EmbedderClient, EmbedderUnavailable
 from services.retriever.parsing import ParseError, parse_document
 from services.retriever.settings import RetrieverSettings
 from services.retriever.store import Job, LeaseLost, Store
+from services.retriever.tokens import LocalTokenCounter, local_counter
 
 logger = logging.getLogger(__name__)
 
-EMBED_BATCHES_IN_FLIGHT = 4
+EMBED_REQUESTS_IN_FLIGHT = 2  # per kind (embeddings, token counts): one runs, one waits
+COUNT_BATCH = 2048
 
 
 def content_hash(raw: bytes) -> str:
@@ -46,8 +49,23 @@ class Ingestor:
         self._wake = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
         self._overhead: int | None = None
+        # Jobs share embedder requests: many small documents make few, full requests.
+        self._embed = Coalescer(
+            embedder.embed_rows,
+            settings.embed_batch_size,
+            EMBED_REQUESTS_IN_FLIGHT,
+            transient=(EmbedderUnavailable,),
+        )
+        self._local: LocalTokenCounter | None = None
+        self._count = Coalescer(
+            embedder.count_tokens,
+            COUNT_BATCH,
+            EMBED_REQUESTS_IN_FLIGHT,
+            transient=(EmbedderUnavailable,),
+        )
 
     async def start(self) -> None:
+        self._local = await local_counter(self.embedder)
         self._workers = [
             asyncio.create_task(self._work(f"{self.worker_id}/{i}"), name=f"ingest-{i}")
             for i in range(self.settings.ingest_workers)
@@ -63,12 +81,17 @@ class Ingestor:
         self._wake.set()
 
     async def _work(self, worker: str) -> None:
+        failing = False
         while True:
             try:
                 job = await self.store.claim_job(worker, self.settings.ingest_lease_s)
-            except Exception:  # the database is away: try again later
-                logger.exception("could not claim an ingestion job")
-                job = None
+                if failing:
+                    logger.info("%s claims jobs again", worker)
+                failing = False
+            except Exception:  # the database is away: try again at the next poll
+                if not failing:
+                    logger.exception("%s could not claim an ingestion job", worker)
+                failing, job = True, None
             if job is None:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -130,24 +153,12 @@ class Ingestor:
             if not chunks:
                 await self.store.fail_job(job, worker, "the document has no text")
                 return
-            vectors = await self._embed([chunk.text for chunk in chunks])
+            vectors = np.stack(await self._embed([chunk.text for chunk in chunks]))
         except EmbedderUnavailable as exc:
             await self._retry(job, worker, str(exc))
             return
         await self.store.finish_job(job, worker, chunks, vectors)
         logger.info("document %s ready with %d chunks", job.document_id, len(chunks))
-
-    async def _embed(self, texts: list[str]) -> np.ndarray:
-        """Embed in batches, a few in flight at once so the embedder can batch across them."""
-        size = self.settings.embed_batch_size
-        gate = asyncio.Semaphore(EMBED_BATCHES_IN_FLIGHT)
-
-        async def embed_batch(start: int) -> np.ndarray:
-            async with gate:
-                return await self.embedder.embed(texts[start : start + size])
-
-        batches = await asyncio.gather(*(embed_batch(i) for i in range(0, len(texts), size)))
-        return np.concatenate(batches)
 
     async def _retry(self, job: Job, worker: str, reason: str) -> None:
         delay = min(self.settings.ingest_backoff_max_s, 2.0 ** (job.attempts - 1))
@@ -162,11 +173,16 @@ class Ingestor:
     async def _count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens of each text beyond the fixed overhead every input carries."""
         overhead = await self._token_overhead()
-        return [n - overhead for n in await self.embedder.count_tokens(texts)]
+        return [n - overhead for n in await self._raw_counts(texts)]
+
+    async def _raw_counts(self, texts: list[str]) -> list[int]:
+        if self._local is not None:
+            return await asyncio.to_thread(self._local.count, texts)
+        return await self._count(texts)
 
     async def _token_overhead(self) -> int:
         if self._overhead is None:
-            self._overhead = (await self.embedder.count_tokens([""]))[0]
+            self._overhead = (await self._raw_counts([""]))[0]
         return self._overhead
 
     async def _chunk_limit(self) -> int:

@@ -25,7 +25,9 @@ class RetrieverSettings(InternalAuthSettings):
     chunk_tokens: int = Field(256, ge=16)
     chunk_overlap_tokens: int = Field(32, ge=0)
     embed_batch_size: int = Field(32, ge=1)
-    ingest_workers: int = Field(4, ge=0)  # 0: this replica only serves search
+    # Jobs in progress per replica (each holds one upload in memory). Many small documents
+    # need many at once to keep the embedder's batches full. 0: this replica only searches.
+    ingest_workers: int = Field(32, ge=0)
     ingest_lease_s: float = Field(60.0, gt=0)  # a job whose worker died is retried after this
     ingest_poll_s: float = Field(1.0, gt=0)  # how often idle workers look for jobs
     ingest_max_attempts: int = Field(10, ge=1)

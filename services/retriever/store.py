@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from pgvector.psycopg import register_vector_async
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
@@ -23,6 +24,11 @@ from services.retriever.chunking import Chunk
 
 DOC_COLUMNS = "id, title, media_type, metadata, status, error, chunk_count, created_at, updated_at"
 RRF_K = 60
+# Created once per pooled connection; emptied at every commit.
+STAGING_TABLE = (
+    "CREATE TEMP TABLE IF NOT EXISTS chunk_stage (ordinal integer, text text, "
+    "position jsonb, embedding vector) ON COMMIT DELETE ROWS"
+)
 
 
 @dataclass
@@ -35,6 +41,13 @@ class Job:
 
 class LeaseLost(RuntimeError):
     """Another worker took over this job (our lease ran out); drop our work."""
+
+
+async def prepare_connection(conn: AsyncConnection) -> None:
+    """Per pooled connection: the vector type, and the staging table chunks are copied to."""
+    await register_vector_async(conn)
+    await conn.execute(STAGING_TABLE)
+    await conn.commit()
 
 
 class Store:
@@ -192,12 +205,9 @@ class Store:
         async with self.tenant(job.user_id) as conn:
             await self._end_job(conn, job, worker)
             await conn.execute("DELETE FROM chunks WHERE document_id = %s", (job.document_id,))
-            # COPY cannot write to a table under row-level security: COPY into a staging
-            # table, then one INSERT, which the policy's WITH CHECK still checks.
-            await conn.execute(
-                "CREATE TEMP TABLE chunk_stage (ordinal integer, text text, position jsonb, "
-                "embedding vector) ON COMMIT DROP"
-            )
+            # COPY cannot write to a table under row-level security: COPY into this
+            # connection's staging table (see STAGING_TABLE), then one INSERT, which the
+            # policy's WITH CHECK still checks.
             async with conn.cursor().copy(
                 "COPY chunk_stage (ordinal, text, position, embedding) FROM STDIN "
                 "WITH (FORMAT BINARY)"
