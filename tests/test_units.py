@@ -33,3 +33,16 @@ def test_passages_are_numbered_marked_as_data_and_fit_the_context() -> None:
     assert "[1] (source: t0)" in prompt[0]["content"]
     assert prompt[-1] == messages[0]
     assert [c["index"] for c in rag.citations(kept)] == list(range(1, len(kept) + 1))
+
+
+def test_passages_name_their_section_and_pages() -> None:
+    hit = {
+        "document_id": "d",
+        "title": "Manual",
+        "chunk_id": 1,
+        "text": "Oil the pump.",
+        "score": 1.0,
+        "position": {"heading": "Pumps", "page": 3, "page_end": 4},
+    }
+    prompt = rag.build_messages([hit], [{"role": "user", "content": "How?"}])
+    assert "[1] (source: Manual, Pumps, pages 3-4)" in prompt[0]["content"]

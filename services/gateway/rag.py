@@ -81,12 +81,24 @@ def fit_passages(
     return kept
 
 
+def _source(passage: dict[str, Any]) -> str:
+    """Title, then the section and page the passage comes from when known."""
+    position = passage.get("position") or {}
+    parts = [str(passage["title"])]
+    if position.get("heading"):
+        parts.append(str(position["heading"]))
+    if position.get("page"):
+        end = position.get("page_end")
+        parts.append(f"pages {position['page']}-{end}" if end else f"page {position['page']}")
+    return ", ".join(parts)
+
+
 def build_messages(
     passages: list[dict[str, Any]], messages: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     if not passages:
         return [{"role": "system", "content": NO_CONTEXT_PROMPT}, *messages]
-    blocks = [f"[{i}] (source: {p['title']})\n{p['text']}" for i, p in enumerate(passages, start=1)]
+    blocks = [f"[{i}] (source: {_source(p)})\n{p['text']}" for i, p in enumerate(passages, start=1)]
     system = f"{SYSTEM_PROMPT}\n\n<passages>\n" + "\n\n".join(blocks) + "\n</passages>"
     return [{"role": "system", "content": system}, *messages]
 

@@ -54,6 +54,15 @@ class Coalescer(Generic[Item, Result]):
             for future in futures:
                 future.cancel()  # no-op when done; drops our items if we were cancelled
 
+    async def aclose(self) -> None:
+        """Cancel the calls in flight (their callers get CancelledError)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for _, future, _ in self._waiting:
+            future.cancel()
+        self._waiting.clear()
+
     def _dispatch(self) -> None:
         # A partial batch goes only when nothing is in flight (a lone caller waits for
         # nobody); while a call runs, items gather into full batches.
@@ -76,6 +85,10 @@ class Coalescer(Generic[Item, Result]):
     async def _run(self, batch: list[tuple[Item, asyncio.Future[Result], int]]) -> None:
         try:
             await self._call(batch)
+        except asyncio.CancelledError:
+            for _, future, _ in batch:
+                future.cancel()
+            raise
         finally:
             self._in_flight -= 1
             self._dispatch()

@@ -75,6 +75,8 @@ class Ingestor:
         for task in self._workers:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
+        await self._embed.aclose()
+        await self._count.aclose()
 
     def notify(self) -> None:
         """A job was queued here: wake an idle worker now rather than at the next poll."""
