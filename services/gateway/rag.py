@@ -73,7 +73,7 @@ def fit_passages(
     used += sum(estimate_tokens(str(m.get("content") or "")) + 4 for m in messages)
     kept = []
     for hit in hits:
-        cost = estimate_tokens(hit["text"]) + estimate_tokens(hit["title"]) + 8
+        cost = estimate_tokens(hit["text"]) + estimate_tokens(_source(hit)) + 8
         if used + cost > context_tokens:
             break
         kept.append(hit)

@@ -7,6 +7,7 @@ import base64
 import hmac
 import json
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -99,6 +100,21 @@ def _decode_cursor(cursor: str) -> tuple[str, str]:
         raise APIError(400, "invalid cursor", param="cursor") from exc
 
 
+def _storable(value: Any, param: str) -> None:
+    """PostgreSQL stores no NUL characters and jsonb no NaN or Infinity: say so with 400."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise APIError(400, f"{param} must not contain NaN or Infinity", param=param)
+    if isinstance(value, str) and "\x00" in value:
+        raise APIError(400, f"{param} must not contain NUL characters", param=param)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _storable(key, param)
+            _storable(item, param)
+    elif isinstance(value, list):
+        for item in value:
+            _storable(item, param)
+
+
 def _json_object(raw: str) -> dict[str, Any]:
     try:
         value = json.loads(raw)
@@ -106,6 +122,7 @@ def _json_object(raw: str) -> dict[str, Any]:
         raise APIError(400, "metadata must be a JSON object", param="metadata") from exc
     if not isinstance(value, dict):
         raise APIError(400, "metadata must be a JSON object", param="metadata")
+    _storable(value, "metadata")
     return value
 
 
@@ -138,7 +155,8 @@ async def check_app_role(pool: AsyncConnectionPool) -> bool:
     async with pool.connection() as conn:
         cur = await conn.execute(
             "SELECT current_user, r.rolsuper, r.rolbypassrls, "
-            "(SELECT relowner FROM pg_class WHERE relname = 'documents') = r.oid, "
+            "pg_has_role(current_user, (SELECT relowner FROM pg_class "
+            "  WHERE oid = 'public.documents'::regclass), 'MEMBER'), "
             "(SELECT extversion FROM pg_extension WHERE extname = 'vector') "
             "FROM pg_roles r WHERE r.rolname = current_user"
         )
@@ -148,8 +166,8 @@ async def check_app_role(pool: AsyncConnectionPool) -> bool:
     if superuser or bypass_rls or owner:
         raise schema.UnsupportedDatabaseError(
             f"the retriever queries as {user}, which is a superuser, bypasses row-level "
-            "security or owns the tables; point RETRIEVER_APP_DATABASE_URL at a plain login "
-            "of RETRIEVER_APP_ROLE"
+            "security or owns the tables (or is a member of their owner); point "
+            "RETRIEVER_APP_DATABASE_URL at a plain login of RETRIEVER_APP_ROLE"
         )
     pgvector = tuple(int(part) for part in str(version).split(".")[:2])
     if pgvector < (0, 8):
@@ -180,6 +198,7 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
                 settings.app_role,
                 settings.hnsw_m,
                 settings.hnsw_ef_construction,
+                app_url is None,
             )
             if app_url is None:
                 logger.warning(
@@ -252,6 +271,8 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
             raise APIError(415, "send multipart/form-data (file) or application/json (text)")
         if len(raw) > settings.max_upload_bytes:
             raise APIError(413, f"document is larger than {settings.max_upload_bytes} bytes")
+        _storable(title, "title")
+        _storable(metadata, "metadata")
         try:
             check_upload(raw, media_type)
         except ParseError as exc:
@@ -302,6 +323,8 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
     async def search(
         body: SearchRequest, user_id: Tenant, request: Request, db: StoreDep
     ) -> SearchResponse:
+        _storable(body.query, "query")
+        _storable(body.filters.metadata, "filters.metadata")
         filters = (body.document_ids, body.filters.metadata)
         rankings = []
         if body.mode in ("vector", "hybrid"):

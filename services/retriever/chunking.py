@@ -9,9 +9,12 @@ from typing import Protocol
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 MAX_REFINE_ROUNDS = 8
-# A joined chunk's count can differ from the sum of its sentences' (BPE merges at spaces)
-# by a few tokens, far less than this margin: chunks summing below it need no check.
-VERIFY_FROM = 0.85
+MAX_HEADING_CHARS = 200  # a heading is a label for citations, not content
+
+
+class ChunkingError(ValueError):
+    """The text cannot be cut into pieces the model reads whole (a permanent failure)."""
+
 
 # Counts the model's tokens of each text, excluding the fixed overhead (special tokens,
 # prompt) that every input carries.
@@ -62,7 +65,7 @@ async def _split_oversized(units: list[_Unit], budget: int, count: TokenCounter)
             # A word can be a very long token run (a hash, base64): cut it so each piece fits.
             step = max(1, budget // 2)
             words.extend(word[i : i + step] for i in range(0, len(word), step))
-        word_tokens = await count(words)
+        word_tokens = [max(1, n) for n in await count(words)]
         piece: list[str] = []
         piece_tokens = 0
         for word, tokens in zip(words, word_tokens, strict=True):
@@ -119,7 +122,7 @@ def _join(group: list[_Unit]) -> str:
 def _chunk(group: list[_Unit]) -> Chunk:
     position: dict[str, object] = {}
     if group[0].heading:
-        position["heading"] = group[0].heading
+        position["heading"] = group[0].heading[:MAX_HEADING_CHARS]
     if group[0].page is not None:
         position["page"] = group[0].page
         if group[-1].page != group[0].page:
@@ -133,23 +136,19 @@ async def chunk_blocks(
     """Chunks of at most max_tokens model tokens each (counted by `count`), along headings,
     paragraphs and sentences, each with its heading and page for citations."""
     if max_tokens <= 0 or overlap_tokens < 0 or 2 * overlap_tokens >= max_tokens:
-        raise ValueError("need 0 <= 2 * overlap_tokens < max_tokens")
+        raise ChunkingError("need 0 <= 2 * overlap_tokens < max_tokens")
     units = _sentences(blocks)
     if not units:
         return []
     for unit, tokens in zip(units, await count([u.text for u in units]), strict=True):
-        unit.tokens = tokens
+        unit.tokens = max(1, tokens)  # a word can count 0 beside a prompt; never free
     units = await _split_oversized(units, max_tokens - overlap_tokens, count)
     groups = _pack(units, max_tokens, overlap_tokens)
     # Sums of sentence counts can differ from the count of the joined text (a tokenizer
-    # that merges across spaces): check every chunk and split any that is over.
+    # that merges across spaces): count every chunk and split any that is over.
     for _ in range(MAX_REFINE_ROUNDS):
-        # Only chunks near the limit can be over it.
-        near = [
-            i for i, g in enumerate(groups) if sum(u.tokens for u in g) > VERIFY_FROM * max_tokens
-        ]
-        totals = await count([_join(groups[i]) for i in near]) if near else []
-        over = [i for i, total in zip(near, totals, strict=True) if total > max_tokens]
+        totals = await count([_join(group) for group in groups])
+        over = {i for i, total in enumerate(totals) if total > max_tokens}
         if not over:
             break
         refined: list[list[_Unit]] = []
@@ -168,7 +167,7 @@ async def chunk_blocks(
                 refined.extend([piece] for piece in shrunk)
         groups = refined
     else:
-        raise ValueError("could not fit the text into chunks of the model's length")
+        raise ChunkingError("the text cannot be cut into chunks the embedding model reads whole")
     chunks = [_chunk(group) for group in groups]
     for ordinal, chunk in enumerate(chunks):
         chunk.position["chunk"] = ordinal

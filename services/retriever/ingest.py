@@ -10,9 +10,10 @@ import os
 import socket
 import uuid
 
+import httpx
 import numpy as np
 
-from services.retriever.chunking import chunk_blocks
+from services.retriever.chunking import ChunkingError, chunk_blocks
 from services.retriever.coalesce import Coalescer
 from services.retriever.embedder_client import EmbedderClient, EmbedderUnavailable
 from services.retriever.parsing import ParseError, parse_document
@@ -85,6 +86,7 @@ class Ingestor:
     async def _work(self, worker: str) -> None:
         failing = False
         while True:
+            self._wake.clear()  # before the claim: a notify() during it is not lost
             try:
                 job = await self.store.claim_job(worker, self.settings.ingest_lease_s)
                 if failing:
@@ -95,7 +97,6 @@ class Ingestor:
                     logger.exception("%s could not claim an ingestion job", worker)
                 failing, job = True, None
             if job is None:
-                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.settings.ingest_poll_s)
                 continue
@@ -113,11 +114,20 @@ class Ingestor:
                 processing.cancel()  # the lease is gone: someone else has the job now
                 logger.warning("lost the lease on %s; dropping it", job.document_id)
             await asyncio.gather(processing, return_exceptions=True)
-            if processing.done() and not processing.cancelled() and processing.exception():
+            if not processing.cancelled() and processing.exception():
                 exc = processing.exception()
                 if not isinstance(exc, LeaseLost):
                     logger.error("ingestion of %s failed", job.document_id, exc_info=exc)
-                    await self._retry(job, worker, "internal error during ingestion")
+                    await self._retry(job, worker, "internal error during ingestion", True)
+        except asyncio.CancelledError:
+            # Shutting down: stop the work and hand the job back for another replica now.
+            processing.cancel()
+            await asyncio.gather(processing, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(
+                    self.store.retry_job(job, worker, 0.0, "interrupted by a shutdown", False)
+                )
+            raise
         finally:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
@@ -142,11 +152,16 @@ class Ingestor:
             await self.store.fail_job(job, worker, "the upload is missing")
             return
         try:
-            blocks = await asyncio.to_thread(
-                parse_document, bytes(doc["source"]), doc["media_type"]
+            blocks = await asyncio.wait_for(
+                asyncio.to_thread(parse_document, bytes(doc["source"]), doc["media_type"]),
+                self.settings.parse_timeout_s,
             )
         except ParseError as exc:
             await self.store.fail_job(job, worker, str(exc))
+            return
+        except TimeoutError:
+            reason = f"the document took over {self.settings.parse_timeout_s:.0f}s to read"
+            await self.store.fail_job(job, worker, reason)
             return
         try:
             limit = await self._chunk_limit()
@@ -156,17 +171,25 @@ class Ingestor:
                 await self.store.fail_job(job, worker, "the document has no text")
                 return
             vectors = np.stack(await self._embed([chunk.text for chunk in chunks]))
+        except ChunkingError as exc:
+            await self.store.fail_job(job, worker, str(exc))
+            return
         except EmbedderUnavailable as exc:
-            await self._retry(job, worker, str(exc))
+            await self._retry(job, worker, str(exc), False)
+            return
+        except httpx.HTTPStatusError as exc:  # the embedder refuses this text for good
+            status = exc.response.status_code
+            await self.store.fail_job(job, worker, f"the embedder refused the text ({status})")
             return
         await self.store.finish_job(job, worker, chunks, vectors)
         logger.info("document %s ready with %d chunks", job.document_id, len(chunks))
 
-    async def _retry(self, job: Job, worker: str, reason: str) -> None:
-        delay = min(self.settings.ingest_backoff_max_s, 2.0 ** (job.attempts - 1))
+    async def _retry(self, job: Job, worker: str, reason: str, counted: bool) -> None:
+        """Try the job again later. Outages (counted=False) do not use up its attempts."""
+        delay = min(self.settings.ingest_backoff_max_s, 2.0**job.retries)
         logger.warning("ingestion of %s will retry in %.0fs: %s", job.document_id, delay, reason)
         try:
-            await self.store.retry_job(job, worker, delay, reason)
+            await self.store.retry_job(job, worker, delay, reason, counted)
         except LeaseLost:
             pass
         except Exception:  # the database is away: the lease runs out and the job comes back

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -70,6 +71,7 @@ MIGRATIONS: list[str] = [
         document_id uuid PRIMARY KEY REFERENCES documents (id) ON DELETE CASCADE,
         user_id text NOT NULL,
         attempts integer NOT NULL DEFAULT 0,
+        retries integer NOT NULL DEFAULT 0,
         run_after timestamptz NOT NULL DEFAULT now(),
         leased_by text,
         lease_until timestamptz,
@@ -110,6 +112,7 @@ def migrate(
     app_role: str = "rag_app",
     hnsw_m: int = 16,
     hnsw_ef_construction: int = 64,
+    owner_sets_role: bool = False,
 ) -> None:
     """Apply pending migrations under an advisory lock, check the embedding model, set up
     the application role and the HNSW index options. Safe to run concurrently and twice."""
@@ -135,7 +138,7 @@ def migrate(
                     )
                 logger.info("applied schema migration %d", version_no)
             _check_embedding_config(conn, model, dimension)
-            _grant_app_role(conn, app_role)
+            _grant_app_role(conn, app_role, owner_sets_role)
             _set_hnsw_options(conn, hnsw_m, hnsw_ef_construction)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (ADVISORY_LOCK,))
@@ -167,18 +170,20 @@ def _check_embedding_config(conn: psycopg.Connection, model: str, dimension: int
         )
 
 
-def _grant_app_role(conn: psycopg.Connection, app_role: str) -> None:
+def _grant_app_role(conn: psycopg.Connection, app_role: str, owner_sets_role: bool) -> None:
     """The role the service queries as: not the owner, not a superuser, bound by RLS."""
     role = sql.Identifier(app_role)
     exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (app_role,)).fetchone()
     if not exists:
         # LOGIN so that a trust/peer-authenticated local server (the embedded one) lets the
         # service connect as it; elsewhere the operator gives it a password or IAM auth.
-        conn.execute(
-            sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE").format(
-                role
+        # Roles are cluster-wide: a first start on another database may create it first.
+        with contextlib.suppress(psycopg.errors.DuplicateObject):
+            conn.execute(
+                sql.SQL(
+                    "CREATE ROLE {} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE"
+                ).format(role)
             )
-        )
     flags = conn.execute(
         "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = %s", (app_role,)
     ).fetchone()
@@ -188,24 +193,40 @@ def _grant_app_role(conn: psycopg.Connection, app_role: str) -> None:
             f"the application role {app_role} is a superuser or bypasses row-level security; "
             "use a plain role so that tenant isolation holds"
         )
+    database = conn.execute("SELECT current_database()").fetchone()
+    assert database is not None
     for statement in (
-        "GRANT USAGE ON SCHEMA public TO {}",
-        "GRANT SELECT, INSERT, UPDATE, DELETE ON documents, chunks, ingest_jobs TO {}",
-        "GRANT SELECT ON embedding_config, schema_migrations TO {}",
-        "GRANT USAGE ON SEQUENCE chunks_id_seq TO {}",
+        "GRANT USAGE ON SCHEMA public TO {role}",
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON documents, chunks, ingest_jobs TO {role}",
+        "GRANT SELECT ON embedding_config, schema_migrations TO {role}",
+        "GRANT USAGE ON SEQUENCE chunks_id_seq TO {role}",
+        # Chunks are staged in a temporary table (COPY cannot write under RLS).
+        "GRANT TEMPORARY ON DATABASE {database} TO {role}",
     ):
-        conn.execute(sql.SQL(statement).format(role))
-    # Let the owner (who runs migrations) SET ROLE to it when no separate login is configured.
-    option = "SET" if conn.info.server_version >= 160000 else "MEMBER"
-    member = conn.execute("SELECT pg_has_role(current_user, %s, %s)", (app_role, option)).fetchone()
-    if member is not None and not member[0]:
-        conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(role))
+        conn.execute(sql.SQL(statement).format(role=role, database=sql.Identifier(database[0])))
+    if owner_sets_role:
+        # The owner's login queries under SET ROLE when no login of the role is configured.
+        option = "SET" if conn.info.server_version >= 160000 else "MEMBER"
+        member = conn.execute(
+            "SELECT pg_has_role(current_user, %s, %s)", (app_role, option)
+        ).fetchone()
+        if member is not None and not member[0]:
+            conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(role))
 
 
 def _set_hnsw_options(conn: psycopg.Connection, m: int, ef_construction: int) -> None:
-    """Rebuild the HNSW index when its m / ef_construction differ from the settings."""
+    """Rebuild the HNSW index when its m / ef_construction differ from the settings.
+
+    The new graph is built beside the old one (CONCURRENTLY: searches and writes go on),
+    then swapped in; a rebuild cut short leaves an invalid index, dropped on the next start.
+    """
+    building = f"{HNSW_INDEX}_next"
+    conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(building)))
     row = conn.execute(
-        "SELECT coalesce(reloptions, '{}') FROM pg_class WHERE relname = %s", (HNSW_INDEX,)
+        "SELECT coalesce(c.reloptions, '{}') FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relname = %s AND n.nspname = 'public'",
+        (HNSW_INDEX,),
     ).fetchone()
     assert row is not None
     options = dict(option.split("=", 1) for option in row[0])
@@ -220,8 +241,15 @@ def _set_hnsw_options(conn: psycopg.Connection, m: int, ef_construction: int) ->
         ef_construction,
     )
     conn.execute(
-        sql.SQL("ALTER INDEX {} SET (m = {}, ef_construction = {})").format(
-            sql.Identifier(HNSW_INDEX), sql.Literal(int(m)), sql.Literal(int(ef_construction))
-        )
+        sql.SQL(
+            "CREATE INDEX CONCURRENTLY {} ON chunks USING hnsw (embedding vector_cosine_ops) "
+            "WITH (m = {}, ef_construction = {})"
+        ).format(sql.Identifier(building), sql.Literal(int(m)), sql.Literal(int(ef_construction)))
     )
-    conn.execute(sql.SQL("REINDEX INDEX CONCURRENTLY {}").format(sql.Identifier(HNSW_INDEX)))
+    with conn.transaction():
+        conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(HNSW_INDEX)))
+        conn.execute(
+            sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+                sql.Identifier(building), sql.Identifier(HNSW_INDEX)
+            )
+        )

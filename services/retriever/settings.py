@@ -31,7 +31,8 @@ class RetrieverSettings(InternalAuthSettings):
     ingest_lease_s: float = Field(60.0, gt=0)  # a job whose worker died is retried after this
     ingest_poll_s: float = Field(1.0, gt=0)  # how often idle workers look for jobs
     ingest_max_attempts: int = Field(10, ge=1)
-    ingest_backoff_max_s: float = Field(300.0, gt=0)
+    ingest_backoff_max_s: float = Field(300.0, gt=0)  # retries while the embedder is down
+    parse_timeout_s: float = Field(300.0, gt=0)  # a file that takes longer fails
     pool_max_size: int = Field(10, ge=2)
     # HNSW graph: changing m or ef_construction rebuilds the index on start.
     hnsw_m: int = Field(16, ge=2, le=100)

@@ -35,7 +35,8 @@ STAGING_TABLE = (
 class Job:
     document_id: uuid.UUID
     user_id: str
-    attempts: int
+    attempts: int  # claims so far, this one included (outages excepted)
+    retries: int  # times it was handed back; paces the backoff
     last_error: str | None
 
 
@@ -97,8 +98,8 @@ class Store:
             if row is not None:
                 await cur.execute(
                     "INSERT INTO ingest_jobs (document_id, user_id) VALUES (%s, %s) "
-                    "ON CONFLICT (document_id) DO UPDATE SET attempts = 0, run_after = now(), "
-                    "leased_by = NULL, lease_until = NULL, last_error = NULL",
+                    "ON CONFLICT (document_id) DO UPDATE SET attempts = 0, retries = 0, "
+                    "run_after = now(), leased_by = NULL, lease_until = NULL, last_error = NULL",
                     (row["id"], user_id),
                 )
                 return row, True
@@ -165,7 +166,7 @@ class Store:
                 "WHERE document_id = (SELECT document_id FROM ingest_jobs "
                 "  WHERE run_after <= now() AND (lease_until IS NULL OR lease_until < now()) "
                 "  ORDER BY run_after LIMIT 1 FOR UPDATE SKIP LOCKED) "
-                "RETURNING document_id, user_id, attempts, last_error",
+                "RETURNING document_id, user_id, attempts, retries, last_error",
                 (worker, lease_s),
             )
             row = await cur.fetchone()
@@ -190,7 +191,26 @@ class Store:
             )
             return await cur.fetchone()
 
+    async def _lock_job(self, conn: AsyncConnection, job: Job, worker: str) -> None:
+        """Lock the document, then check the job is still ours.
+
+        A user's delete locks the document and then, by cascade, the job: taking them in
+        the same order means the two never deadlock.
+        """
+        cur = await conn.execute(
+            "SELECT 1 FROM documents WHERE id = %s FOR UPDATE", (job.document_id,)
+        )
+        if await cur.fetchone() is None:
+            raise LeaseLost(f"{job.document_id} was deleted")
+        cur = await conn.execute(
+            "SELECT 1 FROM ingest_jobs WHERE document_id = %s AND leased_by = %s FOR UPDATE",
+            (job.document_id, worker),
+        )
+        if await cur.fetchone() is None:
+            raise LeaseLost(f"lost the lease on {job.document_id}")
+
     async def _end_job(self, conn: AsyncConnection, job: Job, worker: str) -> None:
+        await self._lock_job(conn, job, worker)
         cur = await conn.execute(
             "DELETE FROM ingest_jobs WHERE document_id = %s AND leased_by = %s",
             (job.document_id, worker),
@@ -236,17 +256,19 @@ class Store:
                 (reason, job.document_id),
             )
 
-    async def retry_job(self, job: Job, worker: str, delay_s: float, reason: str) -> None:
-        """Give the job back, to be tried again after delay_s."""
+    async def retry_job(
+        self, job: Job, worker: str, delay_s: float, reason: str, counted: bool = True
+    ) -> None:
+        """Give the job back, to be tried again after delay_s. An outage (counted=False)
+        does not use up one of the job's attempts."""
         async with self.tenant(job.user_id) as conn:
-            cur = await conn.execute(
+            await self._lock_job(conn, job, worker)
+            await conn.execute(
                 "UPDATE ingest_jobs SET leased_by = NULL, lease_until = NULL, last_error = %s, "
-                "run_after = now() + make_interval(secs => %s) "
-                "WHERE document_id = %s AND leased_by = %s",
-                (reason, delay_s, job.document_id, worker),
+                "run_after = now() + make_interval(secs => %s), retries = retries + 1, "
+                "attempts = attempts - %s WHERE document_id = %s",
+                (reason, delay_s, 0 if counted else 1, job.document_id),
             )
-            if cur.rowcount == 0:
-                raise LeaseLost(f"lost the lease on {job.document_id}")
             await conn.execute(
                 "UPDATE documents SET status = 'pending', error = %s, updated_at = now() "
                 "WHERE id = %s",
@@ -282,12 +304,16 @@ class Store:
         async with self.tenant(user_id) as conn:
             if exact:
                 await conn.execute("SET LOCAL enable_indexscan = off")
-            else:
+            elif self.iterative_scan:
                 # Keep walking the graph until k rows pass the tenant and filter clauses.
                 await conn.execute(
                     "SELECT set_config('hnsw.ef_search', %s, true), "
-                    "set_config('hnsw.iterative_scan', %s, true)",
-                    (str(self.ef_search), "relaxed_order" if self.iterative_scan else "off"),
+                    "set_config('hnsw.iterative_scan', 'relaxed_order', true)",
+                    (str(self.ef_search),),
+                )
+            else:  # pgvector before 0.8 knows no hnsw.iterative_scan
+                await conn.execute(
+                    "SELECT set_config('hnsw.ef_search', %s, true)", (str(self.ef_search),)
                 )
             async with conn.cursor(row_factory=dict_row) as cur:
                 await cur.execute(
