@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_embedder.py
 	$(PY) benchmarks/bench_generator.py
 	$(PY) benchmarks/bench_chat.py
+	$(PY) benchmarks/bench_retriever.py
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache

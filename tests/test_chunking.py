@@ -70,3 +70,13 @@ async def test_a_counter_that_is_not_additive_is_still_respected() -> None:
 async def test_bad_sizes_are_refused() -> None:
     with pytest.raises(ValueError):
         await chunk_blocks([Block("x", None, None)], words, max_tokens=10, overlap_tokens=5)
+
+
+async def test_cjk_sentences_are_split_without_spaces() -> None:
+    async def chars(texts: list[str]) -> list[int]:
+        return [len(text.replace(" ", "")) for text in texts]
+
+    text = "今日は晴れです。" * 20
+    chunks = await chunk_blocks([Block(text, None, None)], chars, max_tokens=30, overlap_tokens=0)
+    assert all(len(c.text) <= 30 for c in chunks) and len(chunks) > 1
+    assert all(c.text.endswith("。") for c in chunks)

@@ -317,3 +317,8 @@ def test_docx_zip_bomb_is_refused_at_upload(monkeypatch: pytest.MonkeyPatch) -> 
     assert len(out.getvalue()) < 10_000
     with pytest.raises(ParseError, match="zip bomb"):
         check_upload(out.getvalue(), DOCX)
+
+
+def test_a_line_break_inside_a_heading_keeps_the_heading_whole() -> None:
+    blocks = parse_document(b"<h1>Annual<br/>Report</h1><p>Revenue grew.</p>", "text/html")
+    assert [(b.heading, b.text) for b in blocks] == [("Annual Report", "Revenue grew.")]

@@ -405,7 +405,7 @@ async def test_tenants_never_cross_through_a_shared_pool(stack: Stack) -> None:
         min_size=1,
         max_size=1,
         configure=prepare_connection,
-        kwargs={"autocommit": True},
+        kwargs={"autocommit": True, "prepare_threshold": None},
     ) as pool:
         store = Store(pool)
         tenants = {f"pool-{name}-{uuid.uuid4().hex[:6]}": name for name in ("red", "blue")}

@@ -220,7 +220,9 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
                 max_size=settings.pool_max_size,
                 configure=configure,
                 open=False,
-                kwargs={"autocommit": True},
+                # No server-side prepared statements: a generic plan, made without the
+                # tenant's value, would pick one access path for small and big tenants alike.
+                kwargs={"autocommit": True, "prepare_threshold": None},
             )
             await pool.open(wait=True, timeout=30)
             iterative_scan = await check_app_role(pool)

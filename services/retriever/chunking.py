@@ -7,7 +7,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# After . ! ? and a space, or after CJK full stops, which take no space.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])\s*")
 MAX_REFINE_ROUNDS = 8
 MAX_HEADING_CHARS = 200  # a heading is a label for citations, not content
 

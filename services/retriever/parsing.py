@@ -229,6 +229,8 @@ class _HTMLBlocks(HTMLParser):
             self.in_heading = tag in _HEADINGS
 
     def handle_endtag(self, tag: str) -> None:
+        if tag == "br" and self.in_heading:  # <br/> inside a heading: already a space
+            return
         if tag in _SKIPPED:
             self.skip_depth = max(0, self.skip_depth - 1)
         elif tag == "head":

@@ -301,9 +301,11 @@ class Store:
     ) -> list[dict[str, Any]]:
         """The k nearest chunks by cosine distance; exact=True scans instead of the index."""
         where, params = self._filters(user_id, document_ids, metadata)
+        # `+ 0` orders by the same distance through an expression no index provides.
+        order = "(c.embedding <=> %s) + 0" if exact else "c.embedding <=> %s"
         async with self.tenant(user_id) as conn:
             if exact:
-                await conn.execute("SET LOCAL enable_indexscan = off")
+                pass
             elif self.iterative_scan:
                 # Keep walking the graph until k rows pass the tenant and filter clauses.
                 await conn.execute(
@@ -320,7 +322,7 @@ class Store:
                     "SELECT * FROM (SELECT c.id AS chunk_id, c.document_id, d.title, c.text, "
                     "c.position, d.metadata, 1 - (c.embedding <=> %s) AS score "
                     f"FROM chunks c JOIN documents d ON d.id = c.document_id WHERE {where} "
-                    "ORDER BY c.embedding <=> %s LIMIT %s) hits ORDER BY score DESC",
+                    f"ORDER BY {order} LIMIT %s) hits ORDER BY score DESC",
                     [vector, *params, vector, k],
                 )
                 return await cur.fetchall()
