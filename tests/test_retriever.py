@@ -548,3 +548,30 @@ def test_values_postgres_cannot_store_get_400(client: httpx.Client) -> None:
         resp = client.request(method, path, headers=headers, **kwargs)
         assert resp.status_code == 400, (path, kwargs, resp.text)
         assert resp.json()["error"]["message"]
+
+
+def test_a_job_that_keeps_crashing_fails_with_its_last_error(stack: Stack) -> None:
+    """A document whose worker died on every attempt ends failed, not retried forever."""
+    assert stack.database_url is not None
+    tenant = f"crash-{uuid.uuid4().hex[:8]}"
+    doc_id = uuid.uuid4()
+    with psycopg.connect(stack.database_url) as conn:  # the owner: as if ten crashes happened
+        conn.execute(
+            "INSERT INTO documents (id, user_id, title, content_hash, media_type, source) "
+            "VALUES (%s, %s, 'poison', 'h', 'text/plain', 'text')",
+            (doc_id, tenant),
+        )
+        conn.execute(
+            "INSERT INTO ingest_jobs (document_id, user_id, attempts, last_error) "
+            "VALUES (%s, %s, 10, 'worker killed mid-job')",
+            (doc_id, tenant),
+        )
+    headers = {"Authorization": f"Bearer {stack.service_token}", "X-Tenant-Id": tenant}
+    deadline = time.monotonic() + 30
+    while True:
+        doc = httpx.get(f"{stack.url('retriever')}/documents/{doc_id}", headers=headers).json()
+        if doc["status"] == "failed":
+            break
+        assert time.monotonic() < deadline, doc
+        time.sleep(0.2)
+    assert doc["error"] == "gave up after 10 attempts: worker killed mid-job"
