@@ -260,7 +260,7 @@ def real_side_by_side(admin_url: str, queries: np.ndarray, ef_search: int) -> di
         conn.execute("ALTER TABLE chunks DROP CONSTRAINT chunks_document_id_ordinal_key")
         conn.execute("ANALYZE chunks")
     ids = np.array([r[0] for r in rows])
-    data = np.stack([np.asarray(r[1], dtype=np.float32) for r in rows])
+    data = np.stack([np.asarray(r[1].to_numpy(), dtype=np.float32) for r in rows])
     truth = [set(ids[np.argsort(-(data @ q))[:K]].tolist()) for q in queries]
     sqls = {
         "hnsw": "SELECT id FROM chunks WHERE user_id = %s ORDER BY embedding <=> %s LIMIT %s",
