@@ -75,6 +75,18 @@ def recall(found: list[set[int]], truth: list[set[int]]) -> float:
     return float(np.mean([len(f & t) / len(t) for f, t in pairs])) if pairs else float("nan")
 
 
+def compare(
+    found: dict[str, list[set[int]]], truth: list[set[int]], seconds: dict[str, float], n: int
+) -> dict[str, Any]:
+    """Recall and QPS of each side (each ran ORDER.count(side) times), and the QPS ratio."""
+    out: dict[str, Any] = {
+        side: {"recall_at_10": recall(found[side], truth), "qps": ORDER.count(side) * n / t}
+        for side, t in seconds.items()
+    }
+    out["qps_ratio"] = out["hnsw"]["qps"] / out["exact"]["qps"]
+    return out
+
+
 def load_rows(url: str, vectors: np.ndarray, tenants: int) -> None:
     """Chunks of one document per tenant, row i in tenant i % tenants; index built after."""
     with psycopg.connect(url, autocommit=True) as conn:
@@ -121,7 +133,6 @@ def index_side_by_side(
         # The same order through an expression the index cannot serve.
         "exact": "SELECT id FROM chunks ORDER BY (embedding <=> %s) + 0 LIMIT %s",
     }
-    out: dict[str, Any] = {}
     with psycopg.connect(url, autocommit=True, prepare_threshold=None) as conn:
         register_vector(conn)
         conn.execute(f"SET hnsw.ef_search = {ef_search}")
@@ -135,13 +146,7 @@ def index_side_by_side(
             for q in queries:
                 found[side].append({r[0] for r in conn.execute(sqls[side], (q, K))})
             seconds[side] += time.perf_counter() - start
-        for side in sqls:
-            out[side] = {
-                "recall_at_10": recall(found[side], truth),
-                "qps": ORDER.count(side) * len(queries) / seconds[side],
-            }
-    out["qps_ratio"] = out["hnsw"]["qps"] / out["exact"]["qps"]
-    return out
+    return compare(found, truth, seconds, len(queries))
 
 
 async def tenant_side_by_side(
@@ -287,13 +292,7 @@ def real_side_by_side(admin_url: str, queries: np.ndarray, ef_search: int) -> di
                     )
                     found[side].append({r[0] for r in conn.execute(sqls[side], ("scifact", q, K))})
             seconds[side] += time.perf_counter() - start
-    for side in sqls:
-        out[side] = {
-            "recall_at_10": recall(found[side], truth),
-            "qps": ORDER.count(side) * len(queries) / seconds[side],
-        }
-    out["qps_ratio"] = out["hnsw"]["qps"] / out["exact"]["qps"]
-    return out
+    return {**out, **compare(found, truth, seconds, len(queries))}
 
 
 # ingestion -------------------------------------------------------------------------

@@ -48,6 +48,18 @@ class EmbedderClient:
                     ) from exc
                 await asyncio.sleep(0.5)
 
+    async def _post_list(self, path: str, body: dict) -> list[dict]:
+        """POST and return the answer's `data`, in input order. Outages (unreachable, 429,
+        5xx) raise EmbedderUnavailable; a refusal (4xx) raises httpx.HTTPStatusError."""
+        try:
+            resp = await self._http.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise EmbedderUnavailable("the embedder is unreachable") from exc
+        if resp.status_code == 429 or resp.status_code >= 500:
+            raise EmbedderUnavailable(f"the embedder answered {resp.status_code}")
+        resp.raise_for_status()
+        return sorted(resp.json()["data"], key=lambda item: item["index"])
+
     async def tokenizer_spec(self) -> dict | None:
         """The model's tokenizer and prompts (GET /tokenizer); None if it cannot export one."""
         resp = await self._http.get("/tokenizer")
@@ -67,14 +79,7 @@ class EmbedderClient:
                 chars += len(texts[end])
                 end += 1
             body = {"input": texts[start:end], "input_type": input_type}
-            try:
-                resp = await self._http.post("/tokenize", json=body)
-            except httpx.HTTPError as exc:
-                raise EmbedderUnavailable("the embedder is unreachable") from exc
-            if resp.status_code in (429, 503) or resp.status_code >= 500:
-                raise EmbedderUnavailable(f"the embedder answered {resp.status_code}")
-            resp.raise_for_status()
-            data = sorted(resp.json()["data"], key=lambda item: item["index"])
+            data = await self._post_list("/tokenize", body)
             counts.extend(int(item["tokens"]) for item in data)
             start = end
         return counts
@@ -86,14 +91,7 @@ class EmbedderClient:
     async def embed(self, texts: list[str], input_type: str = "passage") -> np.ndarray:
         """Vectors for passages (ingestion) or a query (search)."""
         body = {"input": texts, "encoding_format": "base64", "input_type": input_type}
-        try:
-            resp = await self._http.post("/v1/embeddings", json=body)
-        except httpx.HTTPError as exc:
-            raise EmbedderUnavailable("the embedder is unreachable") from exc
-        if resp.status_code in (429, 503) or resp.status_code >= 500:
-            raise EmbedderUnavailable(f"the embedder answered {resp.status_code}")
-        resp.raise_for_status()
-        data = sorted(resp.json()["data"], key=lambda item: item["index"])
+        data = await self._post_list("/v1/embeddings", body)
         return np.stack(
             [np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4") for item in data]
         )
