@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 EMBED_REQUESTS_IN_FLIGHT = 2  # per kind (embeddings, token counts): one runs, one waits
 COUNT_BATCH = 2048
+PARSE_THREADS = 4
 
 
 def content_hash(raw: bytes) -> str:
@@ -58,6 +60,9 @@ class Ingestor:
             transient=(EmbedderUnavailable,),
         )
         self._local: LocalTokenCounter | None = None
+        # Parsing has threads of its own: a file that hangs a parser (it cannot be
+        # cancelled) must not take the threads token counting runs on.
+        self._parsers = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="parse")
         self._count = Coalescer(
             embedder.count_tokens,
             COUNT_BATCH,
@@ -78,6 +83,7 @@ class Ingestor:
         await asyncio.gather(*self._workers, return_exceptions=True)
         await self._embed.aclose()
         await self._count.aclose()
+        self._parsers.shutdown(wait=False, cancel_futures=True)
 
     def notify(self) -> None:
         """A job was queued here: wake an idle worker now rather than at the next poll."""
@@ -152,10 +158,10 @@ class Ingestor:
             await self.store.fail_job(job, worker, "the upload is missing")
             return
         try:
-            blocks = await asyncio.wait_for(
-                asyncio.to_thread(parse_document, bytes(doc["source"]), doc["media_type"]),
-                self.settings.parse_timeout_s,
+            parsing = asyncio.get_running_loop().run_in_executor(
+                self._parsers, parse_document, bytes(doc["source"]), doc["media_type"]
             )
+            blocks = await asyncio.wait_for(parsing, self.settings.parse_timeout_s)
         except ParseError as exc:
             await self.store.fail_job(job, worker, str(exc))
             return
