@@ -60,12 +60,17 @@ class Store:
         self.iterative_scan = iterative_scan
 
     @asynccontextmanager
-    async def tenant(self, user_id: str) -> AsyncIterator[AsyncConnection]:
-        """A connection in a transaction scoped to one tenant."""
+    async def tenant(
+        self, user_id: str, settings: dict[str, str] | None = None
+    ) -> AsyncIterator[AsyncConnection]:
+        """A connection in a transaction scoped to one tenant; `settings` are set for the
+        same transaction, in the same statement."""
         if not user_id:
             raise ValueError("a tenant is required")
+        pairs = [("app.user_id", user_id), *(settings or {}).items()]
+        calls = ", ".join("set_config(%s, %s, true)" for _ in pairs)
         async with self.pool.connection() as conn, conn.transaction():
-            await conn.execute("SELECT set_config('app.user_id', %s, true)", (user_id,))
+            await conn.execute(f"SELECT {calls}", [v for pair in pairs for v in pair])
             yield conn
 
     # documents -----------------------------------------------------------------
@@ -303,20 +308,11 @@ class Store:
         where, params = self._filters(user_id, document_ids, metadata)
         # `+ 0` orders by the same distance through an expression no index provides.
         order = "(c.embedding <=> %s) + 0" if exact else "c.embedding <=> %s"
-        async with self.tenant(user_id) as conn:
-            if exact:
-                pass
-            elif self.iterative_scan:
-                # Keep walking the graph until k rows pass the tenant and filter clauses.
-                await conn.execute(
-                    "SELECT set_config('hnsw.ef_search', %s, true), "
-                    "set_config('hnsw.iterative_scan', 'relaxed_order', true)",
-                    (str(self.ef_search),),
-                )
-            else:  # pgvector before 0.8 knows no hnsw.iterative_scan
-                await conn.execute(
-                    "SELECT set_config('hnsw.ef_search', %s, true)", (str(self.ef_search),)
-                )
+        hnsw = {"hnsw.ef_search": str(self.ef_search)}
+        if self.iterative_scan:  # pgvector before 0.8 knows no hnsw.iterative_scan
+            # Keep walking the graph until k rows pass the tenant and filter clauses.
+            hnsw["hnsw.iterative_scan"] = "relaxed_order"
+        async with self.tenant(user_id, None if exact else hnsw) as conn:
             async with conn.cursor(row_factory=dict_row) as cur:
                 await cur.execute(
                     "SELECT * FROM (SELECT c.id AS chunk_id, c.document_id, d.title, c.text, "
