@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import html
 import io
+import struct
 import textwrap
+import zipfile
+import zlib
 
 import docx
 from pypdf import PdfReader, PdfWriter
@@ -123,3 +126,74 @@ def make_html(sections: list[tuple[str | None, list[str]]], title: str = "Test p
         "<style>p { color: red; }</style><script>var hidden = 'not text';</script>"
         "</head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
     ).encode()
+
+
+# --- hostile files --------------------------------------------------------------------------
+
+
+def make_pdf_with_content(content: bytes) -> bytes:
+    """A one-page PDF whose page content stream is `content`, Flate-compressed."""
+    stream = zlib.compress(content, 9)
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [4 0 R] /Count 1 >>",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] "
+        b"/Resources << /Font << /F1 3 0 R >> >> /Contents 5 0 R >>",
+        b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(stream) + stream + b"\nendstream",
+    ]
+    out = bytearray(b"%PDF-1.4\n")
+    offsets: list[int] = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref_at = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\n" % (len(objects) + 1)
+    out += b"startxref\n%d\n%%%%EOF\n" % xref_at
+    return bytes(out)
+
+
+def make_cpu_bomb_pdf(operators: int = 500_000) -> bytes:
+    """A 5 KB PDF whose page holds half a million text operators: about 7 s of CPU (and
+    200 MB) for pypdf to read, 14 µs an operator."""
+    return make_pdf_with_content(b"BT /F1 11 Tf " + b"(a)Tj " * operators + b"ET")
+
+
+def make_memory_bomb_pdf(unpacked_bytes: int = 70_000_000) -> bytes:
+    """A small PDF whose page content unpacks to `unpacked_bytes` (one huge string), under
+    pypdf's own cap on one stream (75 MB), and takes about 900 MB and 20 s of CPU to read."""
+    return make_pdf_with_content(b"BT /F1 11 Tf (" + b"a" * unpacked_bytes + b") Tj ET")
+
+
+def make_docx_with_body(body_xml: bytes) -> bytes:
+    """A real Word document whose word/document.xml body is `body_xml`, deflated hard."""
+    base = make_docx([("Normal", "placeholder")])
+    out = io.BytesIO()
+    with (
+        zipfile.ZipFile(io.BytesIO(base)) as source,
+        zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as target,
+    ):
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename == "word/document.xml":
+                head = data.split(b"<w:body>")[0]
+                data = head + b"<w:body>" + body_xml + b"</w:body></w:document>"
+            target.writestr(info.filename, data)
+    return out.getvalue()
+
+
+def understate_size(raw: bytes, member: str, claimed: int) -> bytes:
+    """The archive with `member`'s unpacked size written as `claimed`, in its local header and
+    in the central directory (what a zip-bomb check reads)."""
+    out = bytearray(raw)
+    info = zipfile.ZipFile(io.BytesIO(raw)).getinfo(member)
+    struct.pack_into("<I", out, info.header_offset + 22, claimed)
+    entry = out.find(b"PK\x01\x02")
+    while entry != -1:
+        name_length = struct.unpack_from("<H", out, entry + 28)[0]
+        if bytes(out[entry + 46 : entry + 46 + name_length]) == member.encode():
+            struct.pack_into("<I", out, entry + 24, claimed)
+        entry = out.find(b"PK\x01\x02", entry + 4)
+    return bytes(out)

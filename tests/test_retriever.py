@@ -263,14 +263,16 @@ async def test_chunks_fit_the_embedder_window_and_keep_headings(
         assert first.endswith(opening) or f"{opening} " in first, (first[-80:], second[:80])
 
 
-def test_a_killed_workers_job_completes_once_after_its_lease(
+def test_a_killed_replicas_job_is_taken_back_at_once_and_completes_once(
     stack: Stack, faulty_embedder: FaultyEmbedder
 ) -> None:
     url = create_database(stack)
     headers = {"Authorization": f"Bearer {SERVICE_TOKEN}", "X-Tenant-Id": "tenant-kill"}
     text = "# Lighthouse\n\n" + "The lighthouse keeper logs every passing ship. " * 200
     faulty_embedder.mode = "stall"
-    env = {"RETRIEVER_INGEST_LEASE_S": "3", "RETRIEVER_INGEST_POLL_S": "0.2"}
+    # A 60 s lease: the next replica can only take the job back within seconds because the
+    # killed one's liveness lock went with its connections.
+    env = {"RETRIEVER_INGEST_LEASE_S": "60", "RETRIEVER_INGEST_POLL_S": "0.2"}
     with retriever_process(stack, url, faulty_embedder.url, **env) as (base, proc):
         assert wait_ready(base, 60, proc), proc.stderr.read().decode() if proc.stderr else ""
         resp = httpx.post(
@@ -297,7 +299,7 @@ def test_a_killed_workers_job_completes_once_after_its_lease(
     faulty_embedder.mode = "refuse"
     with retriever_process(stack, url, faulty_embedder.url, **env) as (base, proc):
         assert wait_ready(base, 60, proc)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 20  # well inside the dead replica's 60 s lease
         while True:
             doc = httpx.get(f"{base}/documents/{doc_id}", headers=headers).json()
             if doc["status"] == "pending" and "will retry" in (doc["error"] or ""):
@@ -575,3 +577,25 @@ def test_a_job_that_keeps_crashing_fails_with_its_last_error(stack: Stack) -> No
         assert time.monotonic() < deadline, doc
         time.sleep(0.2)
     assert doc["error"] == "gave up after 10 attempts: worker killed mid-job"
+
+
+def test_chunk_ids_reveal_nothing_of_other_tenants_activity(
+    client: httpx.Client, gateway_url: str, other_token: str
+) -> None:
+    """Ids drawn at random: one tenant cannot count another's chunks from the gaps in its own."""
+    tag = uuid.uuid4().hex[:8]
+    sections = "\n\n".join(
+        f"## Part {i}\n\n" + f"The {tag} ledger records shipment {i} in detail. " * 40
+        for i in range(6)
+    )
+    first = upload(client, f"ledger-{tag}.md", f"# Ledger\n\n{sections}".encode(), "")
+    with httpx.Client(
+        base_url=gateway_url, timeout=60, headers={"Authorization": f"Bearer {other_token}"}
+    ) as other:
+        theirs = upload(other, f"theirs-{tag}.md", f"Other tenant {tag} notes.".encode(), "")
+        assert wait_until_ready(other, theirs["id"])["status"] == "ready"
+    assert wait_until_ready(client, first["id"])["status"] == "ready"
+    ids = [hit["chunk_id"] for hit in search(client, f"{tag} ledger", k=20)]
+    assert len(ids) >= 6
+    assert all(0 < chunk_id < 2**53 for chunk_id in ids)  # exact as JSON numbers everywhere
+    assert max(ids) - min(ids) > 2**40  # not a sequence: a gap says nothing

@@ -7,26 +7,28 @@ import contextlib
 import hashlib
 import logging
 import os
+import secrets
 import socket
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
+from psycopg import AsyncConnection
 
 from services.retriever.chunking import ChunkingError, chunk_blocks
 from services.retriever.coalesce import Coalescer
 from services.retriever.embedder_client import EmbedderClient, EmbedderUnavailable
-from services.retriever.parsing import ParseError, parse_document
+from services.retriever.parsing import ParseError
+from services.retriever.sandbox import ParseInterrupted, ParseLimits, ParsePool
 from services.retriever.settings import RetrieverSettings
-from services.retriever.store import Job, LeaseLost, Store
+from services.retriever.store import LIVENESS_LOCK, Job, LeaseLost, Store
 from services.retriever.tokens import LocalTokenCounter, local_counter
 
 logger = logging.getLogger(__name__)
 
 EMBED_REQUESTS_IN_FLIGHT = 2  # per kind (embeddings, token counts): one runs, one waits
 COUNT_BATCH = 2048
-PARSE_THREADS = 4
+LIVENESS_CHECK_S = 5.0
 
 
 def content_hash(raw: bytes) -> str:
@@ -49,8 +51,10 @@ class Ingestor:
         self.settings = settings
         self.max_seq_length = max_seq_length
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.replica_key = secrets.randbelow(2**31 - 1) + 1
         self._wake = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
+        self._liveness: asyncio.Task[None] | None = None
         self._overhead: int | None = None
         # Jobs share embedder requests: many small documents make few, full requests.
         self._embed = Coalescer(
@@ -60,9 +64,11 @@ class Ingestor:
             transient=(EmbedderUnavailable,),
         )
         self._local: LocalTokenCounter | None = None
-        # Parsing has threads of its own: a file that hangs a parser (it cannot be
-        # cancelled) must not take the threads token counting runs on.
-        self._parsers = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="parse")
+        # Parsing runs in worker processes under hard limits, shared fairly across users.
+        self._parsers = ParsePool(
+            settings.parse_processes,
+            ParseLimits(settings.parse_memory_mb, settings.parse_cpu_s, settings.parse_timeout_s),
+        )
         self._count = Coalescer(
             embedder.count_tokens,
             COUNT_BATCH,
@@ -72,6 +78,11 @@ class Ingestor:
 
     async def start(self) -> None:
         self._local = await local_counter(self.embedder)
+        await self._parsers.start()
+        # Claim nothing before the liveness lock is held: our jobs would look abandoned.
+        held = asyncio.Event()
+        self._liveness = asyncio.create_task(self._hold_liveness(held), name="ingest-liveness")
+        await held.wait()
         self._workers = [
             asyncio.create_task(self._work(f"{self.worker_id}/{i}"), name=f"ingest-{i}")
             for i in range(self.settings.ingest_workers)
@@ -81,9 +92,41 @@ class Ingestor:
         for task in self._workers:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
+        if self._liveness is not None:  # after the jobs were handed back
+            self._liveness.cancel()
+            await asyncio.gather(self._liveness, return_exceptions=True)
         await self._embed.aclose()
         await self._count.aclose()
-        self._parsers.shutdown(wait=False, cancel_futures=True)
+        await self._parsers.aclose()
+
+    async def _hold_liveness(self, held: asyncio.Event) -> None:
+        """Hold this replica's liveness lock on a connection of its own, for as long as the
+        replica lives; take it again after the database comes back."""
+        while True:
+            try:
+                async with await AsyncConnection.connect(
+                    self.store.pool.conninfo, autocommit=True
+                ) as conn:
+                    while True:
+                        cur = await conn.execute(
+                            "SELECT pg_try_advisory_lock(%s, %s)", (LIVENESS_LOCK, self.replica_key)
+                        )
+                        row = await cur.fetchone()
+                        if row and row[0]:
+                            break
+                        if held.is_set():  # ours still, held by a session not yet gone
+                            await asyncio.sleep(1)
+                        else:  # another live replica drew the same key
+                            self.replica_key = secrets.randbelow(2**31 - 1) + 1
+                    held.set()
+                    while True:
+                        await asyncio.sleep(LIVENESS_CHECK_S)
+                        await conn.execute("SELECT 1")
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("lost the ingestion liveness lock; taking it again", exc_info=True)
+                await asyncio.sleep(LIVENESS_CHECK_S)
 
     def notify(self) -> None:
         """A job was queued here: wake an idle worker now rather than at the next poll."""
@@ -94,7 +137,12 @@ class Ingestor:
         while True:
             self._wake.clear()  # before the claim: a notify() during it is not lost
             try:
-                job = await self.store.claim_job(worker, self.settings.ingest_lease_s)
+                job = await self.store.claim_job(
+                    worker,
+                    self.settings.ingest_lease_s,
+                    self.replica_key,
+                    self.settings.jobs_per_user,
+                )
                 if failing:
                     logger.info("%s claims jobs again", worker)
                 failing = False
@@ -158,16 +206,12 @@ class Ingestor:
             await self.store.fail_job(job, worker, "the upload is missing")
             return
         try:
-            parsing = asyncio.get_running_loop().run_in_executor(
-                self._parsers, parse_document, bytes(doc["source"]), doc["media_type"]
-            )
-            blocks = await asyncio.wait_for(parsing, self.settings.parse_timeout_s)
-        except ParseError as exc:
+            blocks = await self._parsers.parse(job.user_id, bytes(doc["source"]), doc["media_type"])
+        except ParseError as exc:  # the file's fault: over a limit, or unreadable
             await self.store.fail_job(job, worker, str(exc))
             return
-        except TimeoutError:
-            reason = f"the document took over {self.settings.parse_timeout_s:.0f}s to read"
-            await self.store.fail_job(job, worker, reason)
+        except ParseInterrupted as exc:  # load or a crash: try again, within max attempts
+            await self._retry(job, worker, str(exc), True)
             return
         try:
             limit = await self._chunk_limit()

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import codecs
 import io
+import posixpath
 import re
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
+from typing import IO, Any
 
-import docx
-from docx.opc.exceptions import PackageNotFoundError
-from docx.table import Table
 from lxml import etree
 from pypdf import PasswordType, PdfReader
 from pypdf.errors import DependencyError, PyPdfError
@@ -261,6 +261,8 @@ def _html_blocks(text: str) -> list[Block]:
     try:
         parser.feed(text)
         parser.close()
+    except MemoryError:
+        raise
     except Exception as exc:  # html.parser is lenient, but never let bad input escape
         raise ParseError("the HTML could not be parsed") from exc
     return parser.blocks
@@ -295,7 +297,7 @@ def _pdf_blocks(raw: bytes) -> list[Block]:
         if reader.is_encrypted and reader.decrypt("") == PasswordType.NOT_DECRYPTED:
             raise ParseError("the PDF is password-protected")
         pages = [page.extract_text() or "" for page in reader.pages]
-    except (ParseError, DependencyError):
+    except (ParseError, DependencyError, MemoryError):
         raise  # DependencyError: a missing package (cryptography) is our fault, not the file's
     except RecursionError as exc:
         raise ParseError("the PDF is corrupt or unreadable: its objects nest too deeply") from exc
@@ -314,23 +316,194 @@ def _pdf_blocks(raw: bytes) -> list[Block]:
 
 
 # --- DOCX -----------------------------------------------------------------------------------
+# Read with lxml straight from the archive, not through python-docx: each XML part is inflated
+# in bounded pieces up to a real byte budget (whatever the archive's headers claim), parsed
+# incrementally (memory stays flat however many paragraphs there are), and styles are looked up
+# in a dict built once (python-docx's per-paragraph lookup made empty-paragraph files cost
+# seconds per kilobyte).
+
+MAX_XML_PART_BYTES = 64 * 2**20  # document.xml or styles.xml, unpacked
+_W = "{http://schemas.openxmlformats.org/wordprocessingml/2006/main}"
+_REL = "{http://schemas.openxmlformats.org/package/2006/relationships}Relationship"
+_CT = "{http://schemas.openxmlformats.org/package/2006/content-types}"
+_OFFICE_DOCUMENT = "/officeDocument"
+_STYLES = "/styles"
+_WORD_MAIN = (
+    "application/vnd.openxmlformats-officedocument.wordprocessingml.document.main+xml",
+    "application/vnd.ms-word.document.macroEnabled.main+xml",
+    "application/vnd.openxmlformats-officedocument.wordprocessingml.template.main+xml",
+    "application/vnd.ms-word.template.macroEnabledTemplate.main+xml",
+)
+_RUN_TEXT = {f"{_W}t": None, f"{_W}tab": "\t", f"{_W}ptab": "\t", f"{_W}br": "\n",
+             f"{_W}cr": "\n", f"{_W}noBreakHyphen": "-"}  # fmt: skip
+
+
+class _DocxError(Exception):
+    """A user-facing reason why an archive is not a readable Word document."""
+
+
+class _BudgetedReader(io.RawIOBase):
+    """A zip member read in bounded pieces; fails once it passes `budget` unpacked bytes.
+
+    zipfile stops at the size the headers claim and then fails its CRC check, so a member
+    whose headers understate its size ends as corrupt, and one that states it honestly ends
+    here: either way at most `budget` bytes are ever unpacked.
+    """
+
+    def __init__(self, member: IO[bytes], name: str, budget: int) -> None:
+        self.member, self.name, self.left = member, name, budget
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.member.read(min(len(buffer), 1 << 16))
+        self.left -= len(data)
+        if self.left < 0:
+            raise _DocxError(
+                f"{self.name} unpacks to over {MAX_XML_PART_BYTES // 2**20} MiB; is it a zip bomb?"
+            )
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _xml_events(
+    archive: zipfile.ZipFile, name: str, tags: tuple[str, ...]
+) -> Iterator[tuple[str, Any]]:
+    """lxml iterparse over one archive member, bounded and without entities or network."""
+    try:
+        info = archive.getinfo(name)
+    except KeyError:
+        raise _DocxError(f"There is no item named '{name}' in the archive") from None
+    if info.file_size > MAX_XML_PART_BYTES:
+        raise _DocxError(
+            f"{name} unpacks to over {MAX_XML_PART_BYTES // 2**20} MiB; is it a zip bomb?"
+        )
+    with archive.open(info) as member:
+        reader = io.BufferedReader(_BudgetedReader(member, name, MAX_XML_PART_BYTES))
+        yield from etree.iterparse(
+            reader,
+            events=("end",),
+            tag=tags,
+            resolve_entities=False,
+            no_network=True,
+            load_dtd=False,
+            huge_tree=False,
+            remove_comments=True,
+        )
+
+
+def _part_rels(archive: zipfile.ZipFile, part: str) -> dict[str, str]:
+    """Relationship type suffix -> target part name, for a part ('' for the package)."""
+    folder, _, base = part.rpartition("/")
+    rels_name = f"{folder}/_rels/{base}.rels" if folder else f"_rels/{base}.rels"
+    if rels_name not in archive.NameToInfo:
+        return {}
+    targets: dict[str, str] = {}
+    for _, rel in _xml_events(archive, rels_name, (_REL,)):
+        kind, target = rel.get("Type", ""), rel.get("Target", "")
+        if rel.get("TargetMode") == "External" or not target:
+            continue
+        path = (
+            target.lstrip("/")
+            if target.startswith("/")
+            else posixpath.normpath(posixpath.join(folder, target))
+        )
+        targets.setdefault(kind[kind.rfind("/") :], path)
+        rel.clear()
+    return targets
+
+
+def _main_part(archive: zipfile.ZipFile) -> str:
+    """The Word document part the package names, checked against its content type."""
+    if "[Content_Types].xml" not in archive.NameToInfo:
+        raise _DocxError("There is no item named '[Content_Types].xml' in the archive")
+    main = _part_rels(archive, "").get(_OFFICE_DOCUMENT)
+    if main is None:
+        raise _DocxError("the archive holds no Word document")
+    content_type = None
+    for _, item in _xml_events(archive, "[Content_Types].xml", (f"{_CT}Override",)):
+        if item.get("PartName", "").lstrip("/") == main:
+            content_type = item.get("ContentType")
+        item.clear()
+    if content_type not in _WORD_MAIN:
+        raise _DocxError("the archive holds no Word document")
+    return main
+
+
+def _heading_styles(archive: zipfile.ZipFile, main: str) -> tuple[set[str], bool]:
+    """Ids of the paragraph styles that are headings (Heading n, Title), and whether the
+    default paragraph style is one."""
+    styles = _part_rels(archive, main).get(_STYLES)
+    if styles is None or styles not in archive.NameToInfo:
+        return set(), False
+    headings: set[str] = set()
+    default_is_heading = False
+    for _, style in _xml_events(archive, styles, (f"{_W}style",)):
+        name_el = style.find(f"{_W}name")
+        name = (name_el.get(f"{_W}val", "") if name_el is not None else "").lower()
+        if style.get(f"{_W}type") == "paragraph" and (
+            name.startswith("heading") or name == "title"
+        ):
+            headings.add(style.get(f"{_W}styleId", ""))
+            default_is_heading |= style.get(f"{_W}default") in ("1", "true", "on")
+        style.clear()
+    return headings, default_is_heading
+
+
+def _paragraph_text(paragraph: Any) -> str:
+    parts: list[str] = []
+    for node in paragraph.iter(*_RUN_TEXT):
+        fixed = _RUN_TEXT[node.tag]
+        parts.append(node.text or "" if fixed is None else fixed)
+    return "".join(parts)
+
+
+def _table_cells(table: Any) -> Iterator[str]:
+    """Each cell's text, row by row; a vertically merged cell once, nested tables skipped."""
+    for row in table.iterchildren(f"{_W}tr"):
+        for cell in row.iterchildren(f"{_W}tc"):
+            merge = cell.find(f"{_W}tcPr/{_W}vMerge")
+            if merge is not None and merge.get(f"{_W}val") != "restart":
+                continue  # continues the cell above
+            text = _normalise("\n".join(_paragraph_text(p) for p in cell.iterchildren(f"{_W}p")))
+            if text:
+                yield text
 
 
 def _docx_blocks(raw: bytes) -> list[Block]:
     blocks: list[Block] = []
     heading: str | None = None
     try:
-        document = docx.Document(io.BytesIO(raw))
-        for item in document.iter_inner_content():
-            if isinstance(item, Table):
-                blocks.extend(Block(text, heading, None) for text in _cell_texts(item))
-                continue
-            text = _normalise(item.text)
-            style = item.style.name if item.style is not None else ""
-            if style and (style.startswith("Heading") or style == "Title"):
-                heading = text or heading
-            elif text:
-                blocks.append(Block(text, heading, None))
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            main = _main_part(archive)
+            heading_ids, default_is_heading = _heading_styles(archive, main)
+            body = f"{_W}body"
+            for _, element in _xml_events(archive, main, (f"{_W}p", f"{_W}tbl")):
+                parent = element.getparent()
+                if parent is None or parent.tag != body:
+                    continue  # inside a table: read with its table
+                if not len(element):
+                    pass  # an empty paragraph or table: nothing to read
+                elif element.tag == f"{_W}p":
+                    style = element.find(f"{_W}pPr/{_W}pStyle")
+                    is_heading = (
+                        style.get(f"{_W}val") in heading_ids
+                        if style is not None
+                        else default_is_heading
+                    )
+                    text = _normalise(_paragraph_text(element))
+                    if is_heading:
+                        heading = text or heading
+                    elif text:
+                        blocks.append(Block(text, heading, None))
+                else:
+                    blocks.extend(Block(text, heading, None) for text in _table_cells(element))
+                element.clear()  # keep memory flat: drop what has been read
+                while element.getprevious() is not None:
+                    del parent[0]
+    except MemoryError:
+        raise
     except Exception as exc:
         reason = _docx_reason(exc)
         raise ParseError(f"the DOCX file is corrupt or not a Word document: {reason}") from exc
@@ -338,32 +511,19 @@ def _docx_blocks(raw: bytes) -> list[Block]:
 
 
 def _docx_reason(exc: Exception) -> str:
+    if isinstance(exc, _DocxError):
+        return _short(str(exc))
     if isinstance(exc, zipfile.BadZipFile):
         return "not a valid zip archive"
-    if isinstance(exc, KeyError):  # "There is no item named 'word/document.xml' in the archive"
-        return _short(str(exc.args[0]) if exc.args else "a required part is missing")
     if isinstance(exc, etree.XMLSyntaxError):
         return "its XML is malformed"
-    if isinstance(exc, PackageNotFoundError | ValueError):  # e.g. a spreadsheet renamed .docx
-        return "the archive holds no Word document"
+    if isinstance(exc, EOFError | zlib.error):
+        return "not a valid zip archive"
     return "invalid structure"
 
 
 def _short(message: str) -> str:
     return " ".join(message.split())[:200]
-
-
-def _cell_texts(table: Table) -> Iterator[str]:
-    """The text of each cell, row by row; a merged cell once."""
-    seen: set[object] = set()  # the cells' XML elements: a merged cell repeats the same one
-    for row in table.rows:
-        for cell in row.cells:
-            if cell._tc in seen:
-                continue
-            seen.add(cell._tc)
-            text = _normalise(cell.text)
-            if text:
-                yield text
 
 
 _TEXT_PARSERS = {

@@ -94,6 +94,17 @@ MIGRATIONS: list[str] = [
         USING (user_id = current_setting('app.user_id', true))
         WITH CHECK (user_id = current_setting('app.user_id', true));
     """,
+    # Jobs remember which replica leased them (its liveness lock, see store.LIVENESS_LOCK),
+    # so a dead replica's jobs are taken back at once and per-user shares can be counted.
+    # Chunk ids are drawn at random below 2**53 (exact in JSON everywhere), not from a
+    # sequence whose growth would show one tenant the others' ingestion.
+    """
+    ALTER TABLE ingest_jobs ADD COLUMN replica_key integer;
+    CREATE INDEX ingest_jobs_leased ON ingest_jobs (replica_key, user_id)
+        WHERE lease_until IS NOT NULL;
+    ALTER TABLE chunks ALTER COLUMN id
+        SET DEFAULT (floor(random() * 9007199254740990))::bigint + 1;
+    """,
 ]
 
 

@@ -32,12 +32,23 @@ class RetrieverSettings(InternalAuthSettings):
     ingest_poll_s: float = Field(1.0, gt=0)  # how often idle workers look for jobs
     ingest_max_attempts: int = Field(10, ge=1)
     ingest_backoff_max_s: float = Field(300.0, gt=0)  # retries while the embedder is down
-    parse_timeout_s: float = Field(300.0, gt=0)  # a file that takes longer fails
+    # Parsing runs in worker processes under hard limits (services/retriever/sandbox.py).
+    parse_processes: int = Field(3, ge=1)  # per replica; one user may hold all but one
+    parse_memory_mb: int = Field(1024, ge=64)  # address space one parse may add
+    parse_cpu_s: float = Field(120.0, gt=0)  # CPU time one parse may use
+    parse_timeout_s: float = Field(300.0, gt=0)  # wall time one parse may take, from its start
+    # Jobs in progress on one replica for one user: the rest of ingest_workers stay free for
+    # others. 0: three quarters of ingest_workers.
+    ingest_jobs_per_user: int = Field(0, ge=0)
     pool_max_size: int = Field(10, ge=2)
     # HNSW graph: changing m or ef_construction rebuilds the index on start.
     hnsw_m: int = Field(16, ge=2, le=100)
     hnsw_ef_construction: int = Field(64, ge=4, le=1000)
     hnsw_ef_search: int = Field(40, ge=1, le=1000)
+
+    @property
+    def jobs_per_user(self) -> int:
+        return self.ingest_jobs_per_user or max(1, self.ingest_workers * 3 // 4)
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> RetrieverSettings:

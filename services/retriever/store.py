@@ -16,12 +16,17 @@ from typing import Any
 import numpy as np
 from pgvector.psycopg import register_vector_async
 from psycopg import AsyncConnection
+from psycopg.errors import UniqueViolation
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from services.retriever.chunking import Chunk
 
+# pg_advisory_lock(LIVENESS_LOCK, replica_key) is held by each live replica on a connection of
+# its own: when the process dies, the server drops the lock, and its jobs are free at once.
+LIVENESS_LOCK = 727275
+CHUNK_ID_ATTEMPTS = 3  # random chunk ids: a clash (about 1 in 10**7 at 10**8 chunks) redraws
 DOC_COLUMNS = "id, title, media_type, metadata, status, error, chunk_count, created_at, updated_at"
 RRF_K = 60
 # Created once per pooled connection; emptied at every commit.
@@ -162,17 +167,34 @@ class Store:
 
     # ingestion jobs ------------------------------------------------------------
 
-    async def claim_job(self, worker: str, lease_s: float) -> Job | None:
-        """Lease the oldest due job no live worker holds; skip rows others are claiming."""
+    async def claim_job(
+        self, worker: str, lease_s: float, replica_key: int, per_user: int
+    ) -> Job | None:
+        """Lease the oldest due job that no live replica holds (its lease ran out, or its
+        replica's liveness lock is gone), skipping rows others are claiming and users who
+        already have per_user jobs in progress on this replica."""
         async with self.pool.connection() as conn:
             cur = await conn.execute(
-                "UPDATE ingest_jobs SET attempts = attempts + 1, leased_by = %s, "
-                "lease_until = now() + make_interval(secs => %s) "
-                "WHERE document_id = (SELECT document_id FROM ingest_jobs "
-                "  WHERE run_after <= now() AND (lease_until IS NULL OR lease_until < now()) "
-                "  ORDER BY run_after LIMIT 1 FOR UPDATE SKIP LOCKED) "
+                "UPDATE ingest_jobs SET attempts = attempts + 1, leased_by = %(worker)s, "
+                "replica_key = %(replica)s, lease_until = now() + make_interval(secs => %(lease)s) "
+                "WHERE document_id = (SELECT j.document_id FROM ingest_jobs j "
+                "  WHERE j.run_after <= now() "
+                "  AND (j.lease_until IS NULL OR j.lease_until < now() "
+                "    OR j.replica_key NOT IN (SELECT l.objid::bigint FROM pg_locks l "
+                "      WHERE l.locktype = 'advisory' AND l.classid = %(lock)s::oid "
+                "      AND l.objsubid = 2 AND l.granted)) "
+                "  AND j.user_id NOT IN (SELECT b.user_id FROM ingest_jobs b "
+                "    WHERE b.replica_key = %(replica)s AND b.lease_until >= now() "
+                "    GROUP BY b.user_id HAVING count(*) >= %(per_user)s) "
+                "  ORDER BY j.run_after LIMIT 1 FOR UPDATE SKIP LOCKED) "
                 "RETURNING document_id, user_id, attempts, retries, last_error",
-                (worker, lease_s),
+                {
+                    "worker": worker,
+                    "replica": replica_key,
+                    "lease": lease_s,
+                    "lock": LIVENESS_LOCK,
+                    "per_user": per_user,
+                },
             )
             row = await cur.fetchone()
             return Job(*row) if row else None
@@ -240,11 +262,20 @@ class Store:
                 copy.set_types(["int4", "text", "jsonb", "vector"])
                 for ordinal, (chunk, vector) in enumerate(zip(chunks, vectors, strict=True)):
                     await copy.write_row((ordinal, chunk.text, Jsonb(chunk.position), vector))
-            await conn.execute(
-                "INSERT INTO chunks (document_id, user_id, ordinal, text, position, embedding) "
-                "SELECT %s, %s, ordinal, text, position, embedding FROM chunk_stage",
-                (job.document_id, job.user_id),
-            )
+            for attempt in range(CHUNK_ID_ATTEMPTS):
+                try:
+                    async with conn.transaction():  # a savepoint: a clash redraws the ids
+                        await conn.execute(
+                            "INSERT INTO chunks (document_id, user_id, ordinal, text, position, "
+                            "embedding) SELECT %s, %s, ordinal, text, position, embedding "
+                            "FROM chunk_stage",
+                            (job.document_id, job.user_id),
+                        )
+                    break
+                except UniqueViolation as exc:
+                    clash = exc.diag.constraint_name == "chunks_pkey"
+                    if not clash or attempt + 1 == CHUNK_ID_ATTEMPTS:
+                        raise
             await conn.execute(
                 "UPDATE documents SET status = 'ready', chunk_count = %s, source = NULL, "
                 "error = NULL, updated_at = now() WHERE id = %s",
