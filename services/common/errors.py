@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +20,8 @@ _TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
     409: "conflict_error",
     413: "request_too_large",
     415: "unsupported_media_type",
@@ -28,6 +32,13 @@ _TYPES = {
     503: "service_unavailable",
     504: "timeout_error",
 }
+
+
+def error_type(status_code: int) -> str:
+    """The envelope's type for a status: its own, else that of its class (4xx or 5xx)."""
+    if status_code in _TYPES:
+        return _TYPES[status_code]
+    return "invalid_request_error" if 400 <= status_code < 500 else "server_error"
 
 
 class ErrorDetail(BaseModel):
@@ -59,7 +70,7 @@ class APIError(Exception):
         self.message = message
         self.code = code
         self.param = param
-        self.type = type or _TYPES.get(status_code, "server_error")
+        self.type = type or error_type(status_code)
         self.headers = headers
 
 
@@ -73,7 +84,7 @@ def error_body(
 ) -> dict[str, Any]:
     detail = ErrorDetail(
         message=message,
-        type=type or _TYPES.get(status_code, "server_error"),
+        type=type or error_type(status_code),
         code=code,
         param=param,
     )
@@ -94,7 +105,42 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _internal_error() -> JSONResponse:
+    return JSONResponse(error_body(500, "internal server error"), status_code=500)
+
+
+class UnhandledErrorMiddleware:
+    """Answer an unhandled exception with the 500 envelope inside the app, so the server keeps
+    the keep-alive connection (Starlette's ServerErrorMiddleware answers, then re-raises, and
+    uvicorn closes it). Re-raises only when the response had already started."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_noting_start(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_start)
+        except Exception:
+            if started:  # too late for an envelope: the server ends the broken response
+                raise
+            logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            await _internal_error()(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    # Innermost of the app's middleware, so the request-id and metrics middleware see the 500.
+    app.user_middleware.append(Middleware(UnhandledErrorMiddleware))
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc)
@@ -111,8 +157,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
-        param = ".".join(loc) or None
+        loc = list(first.get("loc", ()))
+        if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
+            loc = loc[1:]  # where it was sent, not which field (a body field may be "query")
+        param = ".".join(str(part) for part in loc) or None
         message = first.get("msg", "invalid request")
         if param:
             message = f"{param}: {message}"
@@ -122,5 +170,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+        # Only errors outside UnhandledErrorMiddleware (in other middleware) get here.
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body(500, "internal server error"), status_code=500)
+        return _internal_error()

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
-import json
 import logging
-import math
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,7 +16,7 @@ from fastapi.responses import JSONResponse
 from psycopg import AsyncConnection, sql
 from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from services.common.errors import ERROR_RESPONSES, APIError, install_error_handlers
 from services.common.http import read_capped_body
@@ -31,6 +28,14 @@ from services.retriever.ingest import Ingestor, content_hash
 from services.retriever.parsing import ParseError, check_upload, media_type_of
 from services.retriever.settings import RetrieverSettings
 from services.retriever.store import Store, fuse_rankings, prepare_connection
+from services.retriever.validation import (
+    check_storable,
+    decode_cursor,
+    encode_cursor,
+    json_object,
+    media_type_of_request,
+    parse_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,44 +91,21 @@ class SearchResponse(BaseModel):
     data: list[SearchHit]
 
 
-def _encode_cursor(doc: dict[str, Any]) -> str:
-    raw = json.dumps([doc["created_at"].isoformat(), str(doc["id"])])
-    return base64.urlsafe_b64encode(raw.encode()).decode()
-
-
-def _decode_cursor(cursor: str) -> tuple[str, str]:
-    try:
-        created_at, doc_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        datetime.fromisoformat(created_at)
-        return created_at, str(uuid.UUID(doc_id))
-    except (ValueError, TypeError) as exc:
-        raise APIError(400, "invalid cursor", param="cursor") from exc
-
-
-def _storable(value: Any, param: str) -> None:
-    """PostgreSQL stores no NUL characters and jsonb no NaN or Infinity: say so with 400."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise APIError(400, f"{param} must not contain NaN or Infinity", param=param)
-    if isinstance(value, str) and "\x00" in value:
-        raise APIError(400, f"{param} must not contain NUL characters", param=param)
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _storable(key, param)
-            _storable(item, param)
-    elif isinstance(value, list):
-        for item in value:
-            _storable(item, param)
-
-
-def _json_object(raw: str) -> dict[str, Any]:
-    try:
-        value = json.loads(raw)
-    except ValueError as exc:
-        raise APIError(400, "metadata must be a JSON object", param="metadata") from exc
+def _document_in(body: bytes) -> DocumentIn:
+    """A JSON document upload, each field checked before it can reach PostgreSQL."""
+    value = parse_json(body, None, "the body")
     if not isinstance(value, dict):
-        raise APIError(400, "metadata must be a JSON object", param="metadata")
-    _storable(value, "metadata")
-    return value
+        raise APIError(400, "body must be a JSON object with title, text and metadata")
+    try:
+        doc_in = DocumentIn.model_validate(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        raise APIError(
+            400, f"{param or 'body'}: {first['msg']}", code="invalid_value", param=param
+        ) from exc
+    check_storable(doc_in.text, "text")
+    return doc_in
 
 
 def tenant(
@@ -257,24 +239,19 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise APIError(413, f"upload is larger than {settings.max_upload_bytes} bytes")
-        content_type = request.headers.get("content-type", "")
-        if content_type.startswith("multipart/form-data"):
+        content_type, charset = media_type_of_request(request.headers.get("content-type", ""))
+        if content_type == "multipart/form-data":
             title, media_type, metadata, raw = await _read_multipart(request, settings)
-        elif content_type.startswith("application/json"):
-            try:
-                doc_in = DocumentIn.model_validate_json(await read_capped_body(request, limit))
-            except ValueError as exc:
-                raise APIError(
-                    400, "body must be JSON with title, text, media_type and metadata"
-                ) from exc
+        elif content_type == "application/json" and charset in (None, "utf-8"):
+            doc_in = _document_in(await read_capped_body(request, limit))
             title, media_type, metadata = doc_in.title, doc_in.media_type, doc_in.metadata
-            raw = doc_in.text.encode()
+            raw = doc_in.text.encode()  # checked: no lone surrogates
         else:
-            raise APIError(415, "send multipart/form-data (file) or application/json (text)")
+            raise APIError(415, "send multipart/form-data (file) or application/json (UTF-8 text)")
         if len(raw) > settings.max_upload_bytes:
             raise APIError(413, f"document is larger than {settings.max_upload_bytes} bytes")
-        _storable(title, "title")
-        _storable(metadata, "metadata")
+        check_storable(title, "title")
+        check_storable(metadata, "metadata")
         try:
             check_upload(raw, media_type)
         except ParseError as exc:
@@ -301,11 +278,12 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
         rows = await db.list_documents(
             user_id,
             limit + 1,
-            _decode_cursor(cursor) if cursor else None,
+            decode_cursor(cursor) if cursor else None,
             status,
-            _json_object(metadata) if metadata else None,
+            json_object(metadata, "metadata") if metadata else None,
         )
-        next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+        last = rows[limit - 1] if len(rows) > limit else None
+        next_cursor = encode_cursor(last["created_at"], last["id"]) if last else None
         return DocumentList(data=[Document(**row) for row in rows[:limit]], next_cursor=next_cursor)
 
     @app.get("/documents/{doc_id}", response_model=Document, responses=ERROR_RESPONSES)
@@ -325,8 +303,8 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
     async def search(
         body: SearchRequest, user_id: Tenant, request: Request, db: StoreDep
     ) -> SearchResponse:
-        _storable(body.query, "query")
-        _storable(body.filters.metadata, "filters.metadata")
+        check_storable(body.query, "query")
+        check_storable(body.filters.metadata, "filters.metadata")
         filters = (body.document_ids, body.filters.metadata)
         rankings = []
         if body.mode in ("vector", "hybrid"):
@@ -365,6 +343,8 @@ async def _read_multipart(
     title = title if isinstance(title, str) and title.strip() else (upload.filename or "untitled")
     metadata_raw = form.get("metadata")
     metadata = (
-        _json_object(metadata_raw) if isinstance(metadata_raw, str) and metadata_raw.strip() else {}
+        json_object(metadata_raw, "metadata")
+        if isinstance(metadata_raw, str) and metadata_raw.strip()
+        else {}
     )
     return title[:500], media_type, metadata, raw
