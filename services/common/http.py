@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 from fastapi import Request
 
@@ -33,14 +35,33 @@ def make_client(
     )
 
 
-async def read_capped_body(request: Request, limit: int) -> bytes:
-    """Read a request body, answering 413 as soon as it passes limit bytes."""
+BODY_IDLE_TIMEOUT_S = 30.0  # the longest wait for the next piece of a request body
+
+
+async def read_capped_body(
+    request: Request, limit: int, *, idle_timeout_s: float = BODY_IDLE_TIMEOUT_S
+) -> bytes:
+    """Read a request body: 413 as soon as it passes limit bytes, 408 once it stops arriving."""
+    too_large = APIError(413, f"request body is larger than {limit} bytes", code="too_large")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body is larger than {limit} bytes", code="too_large")
+        raise too_large
     body = bytearray()
-    async for part in request.stream():
+    parts = request.stream()
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout_s):
+                part = await anext(parts)
+        except StopAsyncIteration:
+            return bytes(body)
+        except TimeoutError:
+            # The rest of the body may still come: the connection is closed after the answer.
+            raise APIError(
+                408,
+                f"the request body stopped arriving (nothing for {idle_timeout_s:g} s)",
+                code="body_timeout",
+                headers={"Connection": "close"},
+            ) from None
         body.extend(part)
         if len(body) > limit:
-            raise APIError(413, f"request body is larger than {limit} bytes", code="too_large")
-    return bytes(body)
+            raise too_large

@@ -13,7 +13,7 @@ from fastapi import FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from services.common.errors import ERROR_RESPONSES, APIError, install_error_handlers
-from services.common.http import make_client, read_capped_body
+from services.common.http import BODY_IDLE_TIMEOUT_S, make_client, read_capped_body
 from services.common.observability import install_observability
 from services.common.relay import EngineClient
 from services.gateway.auth import CognitoVerifier, JwksCache
@@ -24,6 +24,13 @@ from services.gateway.settings import GatewaySettings
 from services.gateway.upstream import RetrieverClient, relay, unavailable
 
 logger = logging.getLogger(__name__)
+
+UPLOAD_MEDIA_TYPES = ("multipart/form-data", "application/json")
+
+
+def media_type(content_type: str) -> str:
+    """A Content-Type's type/subtype: before any parameters, lower case."""
+    return content_type.split(";", 1)[0].strip().lower()
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -61,6 +68,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     )
     install_error_handlers(app)
     app.state.settings = settings
+    # GATEWAY_BODY_IDLE_TIMEOUT_S; read with a default until GatewaySettings declares it.
+    body_idle_timeout_s: float = getattr(settings, "body_idle_timeout_s", BODY_IDLE_TIMEOUT_S)
+
+    async def read_body(request: Request, limit: int) -> bytes:
+        return await read_capped_body(request, limit, idle_timeout_s=body_idle_timeout_s)
+
     app.state.limiter = RateLimiter(
         settings.rate_limit_per_minute, settings.rate_limit_burst, settings.max_concurrent_streams
     )
@@ -89,7 +102,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def create_chat_completion(request: Request, user: User) -> Response:
-        raw = await read_capped_body(request, settings.max_body_bytes)
+        raw = await read_body(request, settings.max_body_bytes)
         try:
             body = ChatRequest.model_validate_json(raw)
         except ValueError as exc:
@@ -103,9 +116,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.post("/v1/documents", status_code=202, responses=ERROR_RESPONSES)
     async def create_document(request: Request, user: User) -> Response:
         content_type = request.headers.get("content-type", "")
-        if not content_type.startswith(("multipart/form-data", "application/json")):
+        if media_type(content_type) not in UPLOAD_MEDIA_TYPES:
             raise APIError(415, "send multipart/form-data (file) or application/json (text)")
-        raw = await read_capped_body(request, settings.max_upload_bytes + 64 * 1024)
+        raw = await read_body(request, settings.max_upload_bytes + 64 * 1024)
         resp = await request.app.state.retriever.request(
             "POST", "/documents", user.sub, content=raw, headers={"Content-Type": content_type}
         )
@@ -141,7 +154,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.post("/v1/search", responses=ERROR_RESPONSES)
     async def search(request: Request, user: User) -> Response:
-        raw = await read_capped_body(request, settings.max_body_bytes)
+        raw = await read_body(request, settings.max_body_bytes)
         resp = await request.app.state.retriever.request(
             "POST", "/search", user.sub, content=raw, headers={"Content-Type": "application/json"}
         )

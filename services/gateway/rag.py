@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 SYSTEM_PROMPT = (
@@ -15,6 +16,16 @@ NO_CONTEXT_PROMPT = (
     "say so if the answer depends on them."
 )
 CHARS_PER_TOKEN = 3.5  # conservative estimate for English text; keeps the prompt inside context
+
+# Framing. Document text and titles are escaped, not fenced with a per-request random boundary:
+# a model does not check which end marker is the real one, so a look-alike "</passages>" would
+# mislead it whatever our marker; with every tag-like "<" escaped, no document can write a tag
+# (ours, or a chat template's "<|im_end|>" or "</s>") and the prompt stays the same from call
+# to call (reproducible, and the engine's prefix cache keeps working).
+PASSAGES_OPEN, PASSAGES_CLOSE = "<passages>", "</passages>"
+PASSAGE_OPEN, PASSAGE_CLOSE = "<passage>", "</passage>"
+SOURCE_PART_MAX_CHARS = 160  # a title or heading in a passage's source line
+_TAG_START = re.compile(r"<(?=\s*[/!?|A-Za-z])")  # "<" that opens a tag or a special token
 
 
 def estimate_tokens(text: str) -> int:
@@ -69,11 +80,11 @@ def fit_passages(
     max_tokens: int,
 ) -> list[dict[str, Any]]:
     """Keep the best passages that fit the context beside the conversation and the answer."""
-    used = estimate_tokens(SYSTEM_PROMPT) + max_tokens + 16
+    used = estimate_tokens(SYSTEM_PROMPT + PASSAGES_OPEN + PASSAGES_CLOSE) + max_tokens + 16
     used += sum(estimate_tokens(str(m.get("content") or "")) + 4 for m in messages)
-    kept = []
+    kept: list[dict[str, Any]] = []
     for hit in hits:
-        cost = estimate_tokens(hit["text"]) + estimate_tokens(_source(hit)) + 8
+        cost = estimate_tokens(passage_block(len(kept) + 1, hit)) + 1
         if used + cost > context_tokens:
             break
         kept.append(hit)
@@ -81,16 +92,37 @@ def fit_passages(
     return kept
 
 
+def escape_document_text(text: str) -> str:
+    """Document text that cannot open or close a tag: each tag-like "<" becomes "&lt;"."""
+    return _TAG_START.sub("&lt;", text)
+
+
+def one_line(text: str, max_chars: int = SOURCE_PART_MAX_CHARS) -> str:
+    """Text on one line (no line breaks or control characters), at most max_chars, escaped."""
+    printable = "".join(ch if ch.isprintable() else " " for ch in text)
+    line = " ".join(printable.split())
+    if len(line) > max_chars:
+        line = line[: max_chars - 1].rstrip() + "…"
+    return escape_document_text(line)
+
+
 def _source(passage: dict[str, Any]) -> str:
-    """Title, then the section and page the passage comes from when known."""
+    """Title, then the section and page the passage comes from when known, on one line."""
     position = passage.get("position") or {}
-    parts = [str(passage["title"])]
+    parts = [one_line(str(passage["title"]))]
     if position.get("heading"):
-        parts.append(str(position["heading"]))
+        parts.append(one_line(str(position["heading"])))
     if position.get("page"):
         end = position.get("page_end")
-        parts.append(f"pages {position['page']}-{end}" if end else f"page {position['page']}")
+        pages = f"pages {position['page']}-{end}" if end else f"page {position['page']}"
+        parts.append(one_line(pages))
     return ", ".join(parts)
+
+
+def passage_block(index: int, passage: dict[str, Any]) -> str:
+    """One numbered passage in its own <passage> block."""
+    text = escape_document_text(str(passage["text"]))
+    return f"{PASSAGE_OPEN}\n[{index}] (source: {_source(passage)})\n{text}\n{PASSAGE_CLOSE}"
 
 
 def build_messages(
@@ -98,8 +130,8 @@ def build_messages(
 ) -> list[dict[str, Any]]:
     if not passages:
         return [{"role": "system", "content": NO_CONTEXT_PROMPT}, *messages]
-    blocks = [f"[{i}] (source: {_source(p)})\n{p['text']}" for i, p in enumerate(passages, start=1)]
-    system = f"{SYSTEM_PROMPT}\n\n<passages>\n" + "\n\n".join(blocks) + "\n</passages>"
+    blocks = [passage_block(i, p) for i, p in enumerate(passages, start=1)]
+    system = f"{SYSTEM_PROMPT}\n\n{PASSAGES_OPEN}\n" + "\n".join(blocks) + f"\n{PASSAGES_CLOSE}"
     return [{"role": "system", "content": system}, *messages]
 
 

@@ -52,6 +52,44 @@ def passthrough_error(
     return APIError(status, message, code=code, param=param)
 
 
+# Calls that may be sent again: reads, deletes, searches (read-only), and uploads, which the
+# retriever keys on (user, content hash): a replay of an upload that did land answers 200 with
+# the same document ("duplicate": true) instead of storing or ingesting it twice.
+IDEMPOTENT_POSTS = frozenset({"/search", "/documents"})
+STALE_CONNECTION_MESSAGE = "Server disconnected without sending a response"
+
+
+def is_idempotent(method: str, path: str) -> bool:
+    """Whether sending the call twice does what sending it once does."""
+    method = method.upper()
+    return method in ("GET", "HEAD", "DELETE") or (method == "POST" and path in IDEMPOTENT_POSTS)
+
+
+class AttemptTrace:
+    """What httpcore reports about one attempt: a connection opened, response headers read."""
+
+    def __init__(self) -> None:
+        self.opened_connection = False
+        self.got_response = False
+
+    async def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if event.startswith("connection.connect_"):
+            self.opened_connection = True
+        elif event.endswith(".receive_response_headers.complete"):
+            self.got_response = True
+
+    def peer_closed_reused_connection(self, exc: httpx.HTTPError) -> bool:
+        """The peer closed a kept-alive connection as this call went out on it, unanswered.
+
+        A fresh connection's failure, a timeout or any response (even a broken one) is not that.
+        """
+        if self.opened_connection or self.got_response:
+            return False
+        if isinstance(exc, httpx.RemoteProtocolError):  # end of stream before any response
+            return str(exc).startswith(STALE_CONNECTION_MESSAGE)
+        return isinstance(exc, httpx.ReadError | httpx.WriteError)  # reset by the peer
+
+
 class RetrieverClient:
     def __init__(self, http: httpx.AsyncClient) -> None:
         self.http = http
@@ -67,17 +105,31 @@ class RetrieverClient:
         headers: dict[str, str] | None = None,
         params: dict[str, Any] | None = None,
     ) -> httpx.Response:
-        try:
-            resp = await self.http.request(
-                method,
-                path,
-                json=json,
-                content=content,
-                params=params,
-                headers={"X-Tenant-Id": tenant, **(headers or {})},
-            )
-        except httpx.HTTPError as exc:
-            raise unavailable("retriever") from exc
+        """Call the retriever; an idempotent call goes out once more when the peer closed the
+        kept-alive connection it was sent on."""
+        may_retry = is_idempotent(method, path)
+        while True:
+            trace = AttemptTrace()
+            try:
+                resp = await self.http.request(
+                    method,
+                    path,
+                    json=json,
+                    content=content,
+                    params=params,
+                    headers={"X-Tenant-Id": tenant, **(headers or {})},
+                    extensions={"trace": trace},
+                )
+                break
+            except httpx.HTTPError as exc:
+                if not (may_retry and trace.peer_closed_reused_connection(exc)):
+                    raise unavailable("retriever") from exc
+                may_retry = False
+                logger.info(
+                    "the retriever closed a kept-alive connection under %s %s; sending it again",
+                    method,
+                    path,
+                )
         if resp.status_code >= 400:
             raise passthrough_error(
                 resp.status_code, resp.content, "retriever", resp.headers.get("retry-after")
