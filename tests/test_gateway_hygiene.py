@@ -26,12 +26,6 @@ BODY_IDLE_TIMEOUT_S = 3.0  # small, so a stalled body is answered quickly
 RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a TCP reset
 
 
-class HygieneSettings(GatewaySettings):
-    """The gateway's settings with the body idle timeout (GATEWAY_BODY_IDLE_TIMEOUT_S)."""
-
-    body_idle_timeout_s: float = 30.0
-
-
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
@@ -149,7 +143,7 @@ async def served_gateway(stack: Stack, **overrides: Any) -> AsyncIterator[Gatewa
         "generator_url": stack.url("generator"),
         "service_token": stack.service_token,
     }
-    settings = HygieneSettings(**{**given, **overrides})
+    settings = GatewaySettings(**{**given, **overrides})
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(

@@ -13,7 +13,7 @@ from fastapi import FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from services.common.errors import ERROR_RESPONSES, APIError, install_error_handlers
-from services.common.http import BODY_IDLE_TIMEOUT_S, make_client, read_capped_body
+from services.common.http import make_client, read_capped_body
 from services.common.observability import install_observability
 from services.common.relay import EngineClient
 from services.gateway.auth import CognitoVerifier, JwksCache
@@ -68,11 +68,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     )
     install_error_handlers(app)
     app.state.settings = settings
-    # GATEWAY_BODY_IDLE_TIMEOUT_S; read with a default until GatewaySettings declares it.
-    body_idle_timeout_s: float = getattr(settings, "body_idle_timeout_s", BODY_IDLE_TIMEOUT_S)
 
     async def read_body(request: Request, limit: int) -> bytes:
-        return await read_capped_body(request, limit, idle_timeout_s=body_idle_timeout_s)
+        return await read_capped_body(request, limit, idle_timeout_s=settings.body_idle_timeout_s)
 
     app.state.limiter = RateLimiter(
         settings.rate_limit_per_minute, settings.rate_limit_burst, settings.max_concurrent_streams

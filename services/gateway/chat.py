@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from asyncio import FIRST_COMPLETED
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any, Literal
 
 from fastapi import Request
@@ -23,11 +26,17 @@ from services.common.relay import (
 )
 from services.gateway import rag
 from services.gateway.auth import Principal
-from services.gateway.limits import RateLimiter
+from services.gateway.limits import ChatAdmission, RateLimiter
 from services.gateway.settings import GatewaySettings
 from services.gateway.upstream import RetrieverClient, passthrough_error, unavailable
 
 logger = logging.getLogger(__name__)
+
+SEARCH_QUERY_MAX_CHARS = 4000  # the retriever's cap on a search query (SearchRequest.query)
+REWRITE_MAX_CHARS = 500  # of a rewritten question, kept in front of the question itself
+CLIENT_CLOSED_REQUEST = 499  # the status logged for a chat whose client left before it began
+KEEP_ALIVE = b": keep-alive\n\n"
+DONE = b"data: [DONE]\n\n"
 
 
 class ChatMessage(BaseModel):
@@ -84,37 +93,150 @@ async def chat_completion(
             400, f"max_tokens must be at most {settings.max_tokens_cap}", param="max_tokens"
         )
     limiter: RateLimiter = request.app.state.limiter
-    limiter.open_stream(user.sub)  # before any work: a user over the cap costs nothing
+    # Before any work: a user over their own cap (429), or a gateway whose chats already
+    # queue for the generator (503), costs nothing but that answer.
+    admission = limiter.admit_chat(
+        user.sub, settings.max_waiting_chats, settings.overloaded_retry_after_s
+    )
+    if body.stream:
+        return await _stream_reply(request, body, user, settings, max_tokens, admission)
+    # Not streamed: the chat waits for the generator until the whole answer is in.
+    answering = asyncio.create_task(_complete(request, body, user, settings, max_tokens))
     try:
-        resp, cites = await _start_generation(request, body, user, settings, max_tokens)
-    except BaseException:
-        limiter.close_stream(user.sub)
-        raise
-    if resp.status_code != 200 or not body.stream:
-        try:
-            raw = await resp.aread()
-        except EngineUnavailable as exc:
-            raise unavailable("generator") from exc
-        finally:
-            await resp.aclose()
-            limiter.close_stream(user.sub)
-        if resp.status_code != 200:
-            raise passthrough_error(resp.status_code, raw, "generator")
-        completion = json.loads(raw)
-        completion.pop("timings", None)
-        completion["citations"] = cites
-        return JSONResponse(completion)
+        await _unless_client_leaves(request, answering, None)
+        return answering.result()
+    except ClientGone:
+        admission.release()  # at once: the user's next chat is admitted while this unwinds
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    finally:
+        admission.release()
+        await _cancel(answering)
+
+
+async def _stream_reply(
+    request: Request,
+    body: ChatRequest,
+    user: Principal,
+    settings: GatewaySettings,
+    max_tokens: int,
+    admission: ChatAdmission,
+) -> Response:
+    """The SSE answer. A generator error that comes within sse_keepalive_s keeps its HTTP
+    status; after that the stream has started (comments while the generator queues the
+    chat) and such an error ends it with an error event. The chat counts as waiting for
+    the generator until its first event: the engine has scheduled it (vLLM sends headers
+    at once, llama.cpp once a slot takes the request)."""
+    starting = asyncio.create_task(_start_generation(request, body, user, settings, max_tokens))
 
     async def close() -> None:
-        # However the stream ends (client gone included): drop the upstream connection,
-        # which cancels the generation, and give the user's stream slot back.
-        await resp.aclose()
-        limiter.close_stream(user.sub)
+        # However the chat ends (client gone included): give the user's slot back and drop
+        # the upstream request or connection, which cancels the generation.
+        admission.release()
+        await _cancel(starting)
+        if not starting.cancelled() and starting.exception() is None:
+            await starting.result()[0].aclose()
 
-    return ClosingStreamingResponse(
-        _stream_with_citations(resp, cites, settings.sse_keepalive_s, settings.generator_timeout_s),
-        on_close=close,
+    try:
+        if not await _unless_client_leaves(request, starting, settings.sse_keepalive_s):
+            # The generator has not taken the chat yet: start the stream, comment meanwhile.
+            return ClosingStreamingResponse(
+                _stream_once_started(starting, settings, admission.answered), on_close=close
+            )
+        resp, cites = starting.result()
+        if resp.status_code != 200:
+            raise await _generator_error(resp)
+    except ClientGone:
+        await close()
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    except BaseException:
+        await close()
+        raise
+    events = _stream_with_citations(
+        resp, cites, settings.sse_keepalive_s, settings.generator_timeout_s, admission.answered
     )
+    return ClosingStreamingResponse(events, on_close=close)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer started."""
+
+
+async def _client_disconnected(request: Request) -> None:
+    """Return once the client has gone; its body is read, so the next message says when."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(
+    request: Request, work: asyncio.Task[Any], timeout_s: float | None
+) -> bool:
+    """Wait up to timeout_s for work; True once it is done. If the client disconnects
+    first, cancel work and raise ClientGone."""
+    leaving = asyncio.ensure_future(_client_disconnected(request))
+    try:
+        await asyncio.wait({work, leaving}, timeout=timeout_s, return_when=FIRST_COMPLETED)
+    finally:
+        leaving.cancel()
+    if work.done():
+        return True
+    if leaving.done() and not leaving.cancelled():
+        leaving.exception()  # a failed receive counts as a disconnect too
+        work.cancel()
+        raise ClientGone
+    return False
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    """Cancel task if it still runs and wait until it has unwound."""
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # retrieved: a failure there has been answered already
+
+
+async def _complete(
+    request: Request,
+    body: ChatRequest,
+    user: Principal,
+    settings: GatewaySettings,
+    max_tokens: int,
+) -> JSONResponse:
+    """The non-streamed answer, with the citations."""
+    resp, cites = await _start_generation(request, body, user, settings, max_tokens)
+    try:
+        raw = await resp.aread()
+    except EngineUnavailable as exc:
+        raise unavailable("generator") from exc
+    finally:
+        await resp.aclose()
+    if resp.status_code != 200:
+        raise passthrough_error(resp.status_code, raw, "generator")
+    completion = json.loads(raw)
+    completion.pop("timings", None)
+    completion["citations"] = cites
+    return JSONResponse(completion)
+
+
+async def _generator_error(resp: EngineResponse) -> APIError:
+    """The generator's error answer, as the gateway's own."""
+    try:
+        raw = await resp.aread()
+    except EngineUnavailable:
+        return unavailable("generator")
+    return passthrough_error(resp.status_code, raw, "generator")
+
+
+def search_query(text: str, limit: int = SEARCH_QUERY_MAX_CHARS) -> str:
+    """The text as a search query of at most limit characters: a longer text keeps its last
+    part (where a long question asks), cut at a word boundary."""
+    if len(text) <= limit:
+        return text
+    tail = text[-limit:]
+    if not text[-limit - 1].isspace():  # the tail starts mid-word: drop the word's end
+        boundary = re.search(r"\s", tail)
+        if boundary is not None:
+            tail = tail[boundary.end() :]
+    return tail.lstrip() or tail
 
 
 async def _start_generation(
@@ -131,7 +253,7 @@ async def _start_generation(
     passages: list[dict[str, Any]] = []
     if body.retrieval.enabled and question:
         retriever: RetrieverClient = request.app.state.retriever
-        query = question
+        query = search_query(question)  # the whole question still goes to the generator
         if settings.rewrite_questions and rag.has_history(messages):
             query = await _standalone_query(request, messages, question, settings)
         hits = await retriever.search(
@@ -162,7 +284,7 @@ async def _standalone_query(
 ) -> str:
     """Rewrite a follow-up question from the conversation so retrieval knows what "it" is.
     The question itself stays in the query; if the rewrite fails, the previous user turn
-    stands in for it."""
+    stands in for it. Either way the query fits the search cap."""
     generator: EngineClient = request.app.state.generator_stream
     payload = {
         "messages": rag.rewrite_messages(messages, question),
@@ -181,8 +303,52 @@ async def _standalone_query(
         rewritten = json.loads(raw)["choices"][0]["message"]["content"].strip()
     except (EngineUnavailable, TimeoutError, ValueError, KeyError, IndexError, TypeError):
         logger.warning("question rewrite failed; using the conversation instead")
-        return rag.fallback_query(messages, question)
-    return f"{rewritten[:500]}\n{question}" if rewritten else rag.fallback_query(messages, question)
+        return search_query(rag.fallback_query(messages, question))
+    if not rewritten:
+        return search_query(rag.fallback_query(messages, question))
+    rewritten = rewritten[:REWRITE_MAX_CHARS]
+    return f"{rewritten}\n{search_query(question, SEARCH_QUERY_MAX_CHARS - len(rewritten) - 1)}"
+
+
+def _error_event(exc: APIError) -> bytes:
+    """An error as an SSE event, in OpenAI's shape (the envelope)."""
+    failure = error_body(
+        exc.status_code, exc.message, code=exc.code, param=exc.param, type=exc.type
+    )
+    return f"data: {json.dumps(failure)}\n\n".encode()
+
+
+async def _stream_once_started(
+    starting: asyncio.Task[tuple[EngineResponse, list[dict[str, Any]]]],
+    settings: GatewaySettings,
+    on_first_event: Callable[[], None],
+) -> AsyncGenerator[bytes, None]:
+    """A stream started before the generator answered: comments while it has not, then its
+    answer, or an error event and [DONE] if it refused or failed."""
+    yield KEEP_ALIVE
+    while not starting.done():
+        await asyncio.wait({starting}, timeout=settings.sse_keepalive_s)
+        if not starting.done():
+            yield KEEP_ALIVE
+    try:
+        resp, cites = starting.result()
+        if resp.status_code != 200:
+            raise await _generator_error(resp)
+    except APIError as exc:
+        yield _error_event(exc)
+        yield DONE
+        return
+    except Exception:
+        logger.exception("chat failed before the generator answered")
+        yield _error_event(APIError(500, "internal server error"))
+        yield DONE
+        return
+    answer = _stream_with_citations(
+        resp, cites, settings.sse_keepalive_s, settings.generator_timeout_s, on_first_event
+    )
+    async with aclosing(answer):
+        async for event in answer:
+            yield event
 
 
 async def _sse_lines(
@@ -224,7 +390,8 @@ async def _stream_with_citations(
     cites: list[dict[str, Any]],
     keepalive_s: float,
     idle_timeout_s: float,
-) -> AsyncIterator[bytes]:
+    on_first_event: Callable[[], None],
+) -> AsyncGenerator[bytes, None]:
     """Relay the generator's SSE events; the last event before [DONE] carries the citations.
     While the generator is silent (retrieval done, prompt still prefilling), SSE comments
     keep proxies and clients from timing the stream out. If the generator fails or stalls
@@ -234,7 +401,7 @@ async def _stream_with_citations(
     try:
         async for line in _sse_lines(resp, keepalive_s, idle_timeout_s):
             if line is None:
-                yield b": keep-alive\n\n"
+                yield KEEP_ALIVE
                 continue
             if not line.startswith(b"data:"):
                 continue
@@ -243,6 +410,8 @@ async def _stream_with_citations(
                 break
             # Relay events as they are; parse only the first (for id and model) and the one
             # with the engine's timings (dropped).
+            if first:
+                on_first_event()
             if first or b'"timings"' in data:
                 try:
                     event = json.loads(data)
@@ -256,11 +425,10 @@ async def _stream_with_citations(
             yield b"data: " + data + b"\n\n"
     except EngineUnavailable:
         logger.warning("the generator failed mid-stream")
-        failure = error_body(
-            503, "the generator failed during the answer", code="generator_unavailable"
+        yield _error_event(
+            APIError(503, "the generator failed during the answer", code="generator_unavailable")
         )
-        yield f"data: {json.dumps(failure)}\n\n".encode()
-        yield b"data: [DONE]\n\n"
+        yield DONE
         return
     final = {
         "id": completion_id,
@@ -271,4 +439,4 @@ async def _stream_with_citations(
         "citations": cites,
     }
     yield f"data: {json.dumps(final)}\n\n".encode()
-    yield b"data: [DONE]\n\n"
+    yield DONE

@@ -1,4 +1,5 @@
-"""Per-user limits: a token bucket on requests and a cap on concurrent chat streams.
+"""Per-user limits (a token bucket on requests, a cap on concurrent chat streams) and one
+bound across users: chats admitted that the generator has not begun to answer.
 
 Kept in this gateway task's memory: with N gateway tasks behind the load balancer a user
 gets up to N times the rate. A shared store (ElastiCache) is the step up when that matters.
@@ -10,7 +11,14 @@ import math
 import time
 from dataclasses import dataclass
 
+from prometheus_client import Counter, Gauge
+
 from services.common.errors import APIError
+
+CHATS_WAITING = Gauge(
+    "gateway_chats_waiting", "Chats admitted that the generator has not begun to answer"
+)
+CHATS_SHED = Counter("gateway_chats_shed_total", "Chats answered 503 because too many were waiting")
 
 
 @dataclass
@@ -29,6 +37,7 @@ class RateLimiter:
         self.max_users = max_users
         self._buckets: dict[str, _Bucket] = {}
         self._streams: dict[str, int] = {}
+        self.waiting_chats = 0
 
     def check(self, user: str) -> None:
         """Take one request's token, or answer 429 saying when the next one comes."""
@@ -66,3 +75,43 @@ class RateLimiter:
             self._streams[user] = left
         else:
             self._streams.pop(user, None)
+
+    def admit_chat(self, user: str, max_waiting: int, retry_after_s: int) -> ChatAdmission:
+        """Take the user's stream slot and a place among the chats waiting for the generator,
+        or answer at once: 429 over the user's own cap, 503 when max_waiting chats wait."""
+        self.open_stream(user)
+        if self.waiting_chats >= max_waiting:
+            self.close_stream(user)
+            CHATS_SHED.inc()
+            raise APIError(
+                503,
+                "the service is busy answering other chats; retry shortly",
+                code="overloaded",
+                headers={"Retry-After": str(retry_after_s)},
+            )
+        self.waiting_chats += 1
+        CHATS_WAITING.set(self.waiting_chats)
+        return ChatAdmission(self, user)
+
+
+class ChatAdmission:
+    """One admitted chat: its user's stream slot for as long as it runs, and a place among
+    the waiting chats until the generator begins to answer. Each is given back once."""
+
+    def __init__(self, limiter: RateLimiter, user: str) -> None:
+        self._limiter, self._user = limiter, user
+        self._waiting = self._open = True
+
+    def answered(self) -> None:
+        """The generator began to answer (or never will): the chat no longer waits."""
+        if self._waiting:
+            self._waiting = False
+            self._limiter.waiting_chats -= 1
+            CHATS_WAITING.set(self._limiter.waiting_chats)
+
+    def release(self) -> None:
+        """The chat is over, however it ended: give back its place and the user's slot."""
+        self.answered()
+        if self._open:
+            self._open = False
+            self._limiter.close_stream(self._user)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import InternalAuthSettings
@@ -24,17 +25,30 @@ class GatewaySettings(InternalAuthSettings):
     rate_limit_per_minute: float = 120.0  # per user, token bucket
     rate_limit_burst: int = 30
     max_concurrent_streams: int = 4  # chat completions in progress per user
+    # Across users: chats admitted that the generator has not begun to answer (retrieval,
+    # prompt, the engine's queue: a streamed chat until its first event, one not streamed
+    # until its answer). Past it a chat gets 503 "overloaded" at once. 16: one full batch of
+    # the production engine (vLLM max_num_seqs 16) queued behind the running one, so the last
+    # admitted chat starts within about one answer's time; 16 running + 16 waiting stays under
+    # the generator's own bound (16 + 32 queued), so this gateway sheds before retrieval
+    # rather than the generator after it. With llama.cpp's 2 local slots, 16 waiting is 8
+    # answers deep; a local stack may set 4 to 8.
+    max_waiting_chats: int = Field(16, ge=1)
+    overloaded_retry_after_s: int = Field(2, ge=1)  # Retry-After of that 503
 
     retriever_url: str = "http://127.0.0.1:8001"
     generator_url: str = "http://127.0.0.1:8003"
     max_upload_bytes: int = 10 * 1024 * 1024
     max_body_bytes: int = 1024 * 1024
+    body_idle_timeout_s: float = Field(30.0, gt=0)  # longest wait for more of a body: then 408
 
     rag_k: int = 4
     default_max_tokens: int = 256
     max_tokens_cap: int = 1024
     generator_context_tokens: int = 2048
     generator_timeout_s: float = 300.0
-    sse_keepalive_s: float = 10.0  # SSE comment after this long without an event
+    # SSE comment after this long without an event; a stream the generator has not answered
+    # by then starts anyway (200) and comments while it waits.
+    sse_keepalive_s: float = 10.0
     rewrite_questions: bool = True  # follow-ups become standalone queries before retrieval
     rewrite_timeout_s: float = 15.0
