@@ -169,6 +169,56 @@ def test_client_disconnect_frees_the_slot(stack: Stack, sdk: OpenAI) -> None:
         thread.join()
 
 
+def in_flight(stack: Stack) -> float:
+    metrics = httpx.get(f"{stack.url('generator')}/metrics", timeout=5).text
+    for line in metrics.splitlines():
+        if line.startswith("generator_requests_in_flight "):
+            return float(line.split()[1])
+    raise AssertionError("no generator_requests_in_flight in /metrics")
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_while_queued_frees_its_place_at_once(
+    stack: Stack, stream: bool
+) -> None:
+    """Both slots busy with endless streams; a request queued behind them whose client gives
+    up before any byte is dropped at once, not when a slot would have taken it."""
+    url = f"{stack.url('generator')}/v1/chat/completions"
+    endless = {
+        "messages": [{"role": "user", "content": "Write a very long story."}],
+        "max_tokens": 1800,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    holding, done = threading.Barrier(3), threading.Event()
+
+    def hold_a_slot() -> None:
+        with httpx.stream("POST", url, json=endless, timeout=60) as resp:
+            for n, _ in enumerate(resp.iter_lines()):
+                if n == 5:
+                    holding.wait()
+                    done.wait(60)
+                    break
+
+    threads = [threading.Thread(target=hold_a_slot) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        holding.wait(timeout=60)
+        assert in_flight(stack) == 2
+        queued = {**endless, "max_tokens": 4, "stream": stream}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, json=queued, timeout=httpx.Timeout(60, read=1.0))
+        deadline = time.monotonic() + 3  # the held streams run for far longer than this
+        while in_flight(stack) > 2:
+            assert time.monotonic() < deadline, "the abandoned request still holds its place"
+            time.sleep(0.1)
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join()
+
+
 @asynccontextmanager
 async def generator_app(**overrides: object) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(GeneratorSettings(**overrides))

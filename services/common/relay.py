@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
+from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -163,6 +164,40 @@ class EngineClient:
         for _, writer in self._idle:
             writer.close()
         self._idle.clear()
+
+
+CLIENT_CLOSED_REQUEST = 499  # the status logged for a request whose client left before its answer
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer started."""
+
+
+async def _client_disconnected(request: Request) -> None:
+    """Return once the client has gone; its body is read, so the next message says when."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_client_leaves(
+    request: Request, work: asyncio.Task[Any], timeout_s: float | None = None
+) -> bool:
+    """Wait up to timeout_s for work (a request's body must be read already); True once it
+    is done. If the client disconnects first, cancel work and raise ClientGone: a request
+    queued upstream is dropped (EngineClient.post closes its socket) instead of holding a
+    place until the engine reaches it."""
+    leaving = asyncio.ensure_future(_client_disconnected(request))
+    try:
+        await asyncio.wait({work, leaving}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        leaving.cancel()
+    if work.done():
+        return True
+    if leaving.done() and not leaving.cancelled():
+        leaving.exception()  # a failed receive counts as a disconnect too
+        work.cancel()
+        raise ClientGone
+    return False
 
 
 class ClosingStreamingResponse(StreamingResponse):

@@ -8,7 +8,6 @@ import logging
 import re
 import time
 import uuid
-from asyncio import FIRST_COMPLETED
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any, Literal
@@ -19,10 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.errors import APIError, error_body
 from services.common.relay import (
+    CLIENT_CLOSED_REQUEST,
+    ClientGone,
     ClosingStreamingResponse,
     EngineClient,
     EngineResponse,
     EngineUnavailable,
+    unless_client_leaves,
 )
 from services.gateway import rag
 from services.gateway.auth import Principal
@@ -34,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 SEARCH_QUERY_MAX_CHARS = 4000  # the retriever's cap on a search query (SearchRequest.query)
 REWRITE_MAX_CHARS = 500  # of a rewritten question, kept in front of the question itself
-CLIENT_CLOSED_REQUEST = 499  # the status logged for a chat whose client left before it began
 KEEP_ALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
 
@@ -103,7 +104,7 @@ async def chat_completion(
     # Not streamed: the chat waits for the generator until the whole answer is in.
     answering = asyncio.create_task(_complete(request, body, user, settings, max_tokens))
     try:
-        await _unless_client_leaves(request, answering, None)
+        await unless_client_leaves(request, answering, None)
         return answering.result()
     except ClientGone:
         admission.release()  # at once: the user's next chat is admitted while this unwinds
@@ -137,7 +138,7 @@ async def _stream_reply(
             await starting.result()[0].aclose()
 
     try:
-        if not await _unless_client_leaves(request, starting, settings.sse_keepalive_s):
+        if not await unless_client_leaves(request, starting, settings.sse_keepalive_s):
             # The generator has not taken the chat yet: start the stream, comment meanwhile.
             return ClosingStreamingResponse(
                 _stream_once_started(starting, settings, admission.answered), on_close=close
@@ -155,35 +156,6 @@ async def _stream_reply(
         resp, cites, settings.sse_keepalive_s, settings.generator_timeout_s, admission.answered
     )
     return ClosingStreamingResponse(events, on_close=close)
-
-
-class ClientGone(Exception):
-    """The client disconnected before its answer started."""
-
-
-async def _client_disconnected(request: Request) -> None:
-    """Return once the client has gone; its body is read, so the next message says when."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_client_leaves(
-    request: Request, work: asyncio.Task[Any], timeout_s: float | None
-) -> bool:
-    """Wait up to timeout_s for work; True once it is done. If the client disconnects
-    first, cancel work and raise ClientGone."""
-    leaving = asyncio.ensure_future(_client_disconnected(request))
-    try:
-        await asyncio.wait({work, leaving}, timeout=timeout_s, return_when=FIRST_COMPLETED)
-    finally:
-        leaving.cancel()
-    if work.done():
-        return True
-    if leaving.done() and not leaving.cancelled():
-        leaving.exception()  # a failed receive counts as a disconnect too
-        work.cancel()
-        raise ClientGone
-    return False
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:

@@ -15,7 +15,14 @@ from prometheus_client import Gauge
 
 from services.common.errors import ERROR_RESPONSES, APIError, install_error_handlers
 from services.common.observability import install_observability
-from services.common.relay import ClosingStreamingResponse, EngineClient, EngineUnavailable
+from services.common.relay import (
+    CLIENT_CLOSED_REQUEST,
+    ClientGone,
+    ClosingStreamingResponse,
+    EngineClient,
+    EngineUnavailable,
+    unless_client_leaves,
+)
 from services.generator.engines import make_engine
 from services.generator.settings import GeneratorSettings
 
@@ -119,18 +126,31 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
             raise APIError(400, "request body must be a JSON object")
         payload["model"] = settings.served_model_name
 
+        # A client that leaves while the engine queues its request (or, not streamed, while
+        # it generates) takes its place with it, not when the engine gets to it.
+        posting = asyncio.create_task(
+            asyncio.wait_for(http.post(path, payload), settings.request_timeout_s)
+        )
         try:
-            resp = await asyncio.wait_for(http.post(path, payload), settings.request_timeout_s)
+            await unless_client_leaves(request, posting)
+            resp = posting.result()
+        except ClientGone:
+            release()
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         except (EngineUnavailable, TimeoutError) as exc:
             release()
             raise APIError(503, "the inference engine is unavailable", code="engine_down") from exc
         if resp.status_code != 200 or not payload.get("stream"):
+            reading = asyncio.create_task(resp.aread())
             try:
-                body = await resp.aread()
+                await unless_client_leaves(request, reading)
+                body = reading.result()
+            except ClientGone:
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
             except EngineUnavailable as exc:
                 raise APIError(503, "the inference engine failed", code="engine_down") from exc
             finally:
-                await resp.aclose()
+                await resp.aclose()  # unread: the connection is dropped, the engine stops
                 release()
             if resp.status_code != 200:
                 raise _upstream_error(resp.status_code, body)
