@@ -106,6 +106,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         except ValueError as exc:
             errors = getattr(exc, "errors", lambda: [])()
             where = ".".join(str(p) for p in errors[0]["loc"]) if errors else None
+            where = where or None  # an error of the whole body (e.g. invalid Unicode) has no field
             raise APIError(
                 400, f"invalid chat request{f' at {where}' if where else ''}", param=where
             ) from exc
