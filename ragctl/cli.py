@@ -18,6 +18,7 @@ import httpx
 from ragctl.cognito import LocalPool
 
 DEFAULT_HOME = ".data"
+SUPERVISE_EVERY_S = 0.5  # how often `ragctl up` checks on its processes
 
 
 def _home(args: argparse.Namespace) -> Path:
@@ -106,13 +107,14 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     home = _home(args)
     stack = Stack(home=home, ports=Ports.free() if args.free_ports else Ports())
-    stopping = False
+    stopping = supervising = False
 
     def _stop(signum: int, _frame: object) -> None:
         nonlocal stopping
         if not stopping:
             stopping = True
-            raise KeyboardInterrupt
+            if not supervising:  # starting: interrupt it; supervising: end after this round
+                raise KeyboardInterrupt
 
     # Both set explicitly: a shell that starts ragctl in the background (or CI) may have
     # left SIGINT ignored, and Python then installs no KeyboardInterrupt handler of its own.
@@ -143,18 +145,17 @@ Try it (in another terminal, from this folder):
   TOKEN=$(.venv/bin/ragctl token)
   curl -s {gw}/v1/documents -H "Authorization: Bearer $TOKEN"
 
+A service that dies is restarted, with backoff.
 Press Ctrl-C to stop everything.""",
             flush=True,
         )
-        while True:
-            dead = stack.dead_services()
-            if dead:
-                print(
-                    f"\n{dead[0]} stopped unexpectedly; its log:\n{stack.log_tail(dead[0])}",
-                    file=sys.stderr,
-                )
-                return 1
-            time.sleep(1.0)
+        # A restart is not interrupted halfway (it could leave a process nobody stops).
+        supervising = True
+        while not stopping:
+            stack.supervise(lambda message: print(message, flush=True))
+            time.sleep(SUPERVISE_EVERY_S)
+        print("\nstopping ...", flush=True)
+        return 0
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)
         return 0
