@@ -170,6 +170,13 @@ def test_up_ingest_ask_survive_crashes_then_ctrl_c_leaves_no_process(tmp_path: P
             time.sleep(0.5)
         assert found.status_code == 200, found.text
         assert found.json()["data"][0]["title"] == "lumen coffee grinder manual"
+        # ... and a new upload is ingested once (the retriever's claims wait for its liveness
+        # lock to be taken again, instead of taking its own jobs back over and over).
+        note = home / "after-the-restart.md"
+        note.write_text("# Boiler\n\nThe boiler is bled every second Thursday.\n")
+        ingested = _ragctl(home, "ingest", str(note))
+        assert ingested.returncode == 0, ingested.stdout + ingested.stderr
+        assert "ready" in ingested.stdout, ingested.stdout
 
         pids |= {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
         proc.send_signal(signal.SIGINT)

@@ -201,6 +201,9 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
                 min_size=1,
                 max_size=settings.pool_max_size,
                 configure=configure,
+                # A connection the server dropped (a restart, a failover) is replaced before a
+                # request gets it, not failed in its hands.
+                check=AsyncConnectionPool.check_connection,
                 open=False,
                 # No server-side prepared statements: a generic plan, made without the
                 # tenant's value, would pick one access path for small and big tenants alike.

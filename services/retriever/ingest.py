@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 EMBED_REQUESTS_IN_FLIGHT = 2  # per kind (embeddings, token counts): one runs, one waits
 COUNT_BATCH = 2048
-LIVENESS_CHECK_S = 5.0
+LIVENESS_CHECK_S = 1.0  # how soon a lost liveness lock is noticed and taken again
 
 
 def content_hash(raw: bytes) -> str:
@@ -55,6 +55,7 @@ class Ingestor:
         self._wake = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
         self._liveness: asyncio.Task[None] | None = None
+        self._held = asyncio.Event()  # the liveness lock is held: claiming is safe
         self._overhead: int | None = None
         # Jobs share embedder requests: many small documents make few, full requests.
         self._embed = Coalescer(
@@ -79,10 +80,11 @@ class Ingestor:
     async def start(self) -> None:
         self._local = await local_counter(self.embedder)
         await self._parsers.start()
-        # Claim nothing before the liveness lock is held: our jobs would look abandoned.
-        held = asyncio.Event()
-        self._liveness = asyncio.create_task(self._hold_liveness(held), name="ingest-liveness")
-        await held.wait()
+        # Claim nothing while the liveness lock is not held (at start, or after the database
+        # restarted): to other replicas our jobs look abandoned then, and taking theirs
+        # while they take ours back would churn attempts.
+        self._liveness = asyncio.create_task(self._hold_liveness(), name="ingest-liveness")
+        await self._held.wait()
         self._workers = [
             asyncio.create_task(self._work(f"{self.worker_id}/{i}"), name=f"ingest-{i}")
             for i in range(self.settings.ingest_workers)
@@ -99,7 +101,7 @@ class Ingestor:
         await self._count.aclose()
         await self._parsers.aclose()
 
-    async def _hold_liveness(self, held: asyncio.Event) -> None:
+    async def _hold_liveness(self) -> None:
         """Hold this replica's liveness lock on a connection of its own, for as long as the
         replica lives; take it again after the database comes back."""
         while True:
@@ -107,26 +109,32 @@ class Ingestor:
                 async with await AsyncConnection.connect(
                     self.store.pool.conninfo, autocommit=True
                 ) as conn:
-                    while True:
-                        cur = await conn.execute(
-                            "SELECT pg_try_advisory_lock(%s, %s)", (LIVENESS_LOCK, self.replica_key)
-                        )
-                        row = await cur.fetchone()
-                        if row and row[0]:
-                            break
-                        if held.is_set():  # ours still, held by a session not yet gone
-                            await asyncio.sleep(1)
-                        else:  # another live replica drew the same key
-                            self.replica_key = secrets.randbelow(2**31 - 1) + 1
-                    held.set()
+                    await self._take_liveness_lock(conn)
+                    self._held.set()
                     while True:
                         await asyncio.sleep(LIVENESS_CHECK_S)
                         await conn.execute("SELECT 1")
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.warning("lost the ingestion liveness lock; taking it again", exc_info=True)
+                if self._held.is_set():
+                    logger.warning("lost the ingestion liveness lock; taking it again")
+                self._held.clear()
                 await asyncio.sleep(LIVENESS_CHECK_S)
+
+    async def _take_liveness_lock(self, conn: AsyncConnection) -> None:
+        started = bool(self._workers)
+        while True:
+            cur = await conn.execute(
+                "SELECT pg_try_advisory_lock(%s, %s)", (LIVENESS_LOCK, self.replica_key)
+            )
+            row = await cur.fetchone()
+            if row and row[0]:
+                return
+            if started:  # ours: a session of ours the server has not yet seen close
+                await asyncio.sleep(LIVENESS_CHECK_S)
+            else:  # another live replica drew the same key
+                self.replica_key = secrets.randbelow(2**31 - 1) + 1
 
     def notify(self) -> None:
         """A job was queued here: wake an idle worker now rather than at the next poll."""
@@ -136,6 +144,7 @@ class Ingestor:
         failing = False
         while True:
             self._wake.clear()  # before the claim: a notify() during it is not lost
+            await self._held.wait()
             try:
                 job = await self.store.claim_job(
                     worker,

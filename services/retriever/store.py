@@ -180,9 +180,10 @@ class Store:
                 "WHERE document_id = (SELECT j.document_id FROM ingest_jobs j "
                 "  WHERE j.run_after <= now() "
                 "  AND (j.lease_until IS NULL OR j.lease_until < now() "
-                "    OR j.replica_key NOT IN (SELECT l.objid::bigint FROM pg_locks l "
-                "      WHERE l.locktype = 'advisory' AND l.classid = %(lock)s::oid "
-                "      AND l.objsubid = 2 AND l.granted)) "
+                "    OR (j.replica_key <> %(replica)s "  # this replica is alive: it asks
+                "      AND j.replica_key NOT IN (SELECT l.objid::bigint FROM pg_locks l "
+                "        WHERE l.locktype = 'advisory' AND l.classid = %(lock)s::oid "
+                "        AND l.objsubid = 2 AND l.granted))) "
                 "  AND j.user_id NOT IN (SELECT b.user_id FROM ingest_jobs b "
                 "    WHERE b.replica_key = %(replica)s AND b.lease_until >= now() "
                 "    GROUP BY b.user_id HAVING count(*) >= %(per_user)s) "
