@@ -245,6 +245,8 @@ class Stack:
                 # one developer, many scripted calls: roomier than the production default
                 "GATEWAY_RATE_LIMIT_PER_MINUTE": "600",
                 "GATEWAY_RATE_LIMIT_BURST": "100",
+                # llama.cpp answers 2 chats at a time: past 8 waiting, shed at once (503)
+                "GATEWAY_MAX_WAITING_CHATS": "8",
             },
         )
         for name in SERVICES:

@@ -44,6 +44,11 @@ def children() -> set[int]:
     return found
 
 
+def pool_processes(pool: ParsePool) -> set[int]:
+    """Pids of the pool's idle worker processes."""
+    return {worker.proc.pid for worker in pool._idle}
+
+
 async def test_documents_parse_in_a_worker_process_with_their_blocks(pool: ParsePool) -> None:
     blocks = await pool.parse("alice", SMALL, "text/markdown")
     assert [(b.text, b.heading) for b in blocks] == [
@@ -121,13 +126,16 @@ async def test_the_wall_clock_starts_when_the_parse_starts() -> None:
 async def test_a_parse_starved_by_load_is_interrupted_not_failed() -> None:
     pool = ParsePool(1, ParseLimits(memory_mb=256, cpu_s=60, wall_s=1.5))
     try:
-        await pool.parse("alice", SMALL, "text/markdown")  # start the worker
-        (worker_pid,) = children()
+        await pool.start()
+        (worker_pid,) = pool_processes(pool)
         parsing = asyncio.create_task(pool.parse("alice", make_cpu_bomb_pdf(), "application/pdf"))
-        await asyncio.sleep(0.1)
-        os.kill(worker_pid, signal.SIGSTOP)  # the host gives the parse no CPU at all
-        with pytest.raises(ParseInterrupted, match="load"):
-            await parsing
+        try:
+            await asyncio.sleep(0.1)
+            os.kill(worker_pid, signal.SIGSTOP)  # the host gives the parse no CPU at all
+            with pytest.raises(ParseInterrupted, match="load"):
+                await parsing
+        finally:
+            parsing.cancel()
         assert worker_pid not in children()  # killed, even stopped
         assert await pool.parse("alice", SMALL, "text/markdown")
     finally:
@@ -137,7 +145,7 @@ async def test_a_parse_starved_by_load_is_interrupted_not_failed() -> None:
 async def test_a_cancelled_parse_kills_its_process_and_closing_leaves_none(
     pool: ParsePool,
 ) -> None:
-    warm = children()
+    warm = pool_processes(pool)
     assert len(warm) == 3
     parsing = asyncio.create_task(pool.parse("alice", make_cpu_bomb_pdf(), "application/pdf"))
     await asyncio.sleep(0.5)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import random
+import string
 from typing import Any
+
+import pytest
 
 from services.gateway import rag
 from services.retriever.store import fuse_rankings
@@ -94,3 +98,21 @@ def test_titles_and_headings_are_bounded_and_free_of_control_characters() -> Non
     assert title.startswith("T i [2Jt le xxx") and title.endswith("…")
     assert len(title) <= rag.SOURCE_PART_MAX_CHARS and len(heading) <= rag.SOURCE_PART_MAX_CHARS
     assert source.isprintable()
+
+
+def test_passages_of_keys_and_non_latin_text_are_costed_at_a_token_a_byte() -> None:
+    """A chunk of a key, a hash, CJK or emoji takes up to a token a byte in the generator's
+    tokenizer (SmolLM2: 1.1 to 1.4 bytes a token), so such passages are costed that way and
+    cannot push the prompt past the context; prose keeps its usual estimate."""
+    prose = "The lighthouse keeper logs every passing ship and checks the lamp at dusk. " * 40
+    key = "".join(random.Random(11).choices(string.ascii_letters + string.digits, k=3559))
+    cjk = "灯塔看守人记录每一艘经过的船只并在黄昏检查灯" * 40
+    assert rag.estimate_tokens(prose) == pytest.approx(len(prose) / 3.5, rel=0.05)
+    assert rag.estimate_tokens(key) >= len(key)
+    assert rag.estimate_tokens(cjk) >= len(cjk.encode())
+    hit = {"document_id": "d", "title": "Keys", "chunk_id": 1, "text": key, "score": 1.0}
+    messages = [{"role": "user", "content": "What is the key?"}]
+    # 3,559 bytes of key cannot fit a 2,048-token context; the same length of prose does.
+    assert rag.fit_passages([hit], messages, 2048, 256) == []
+    prose_hit = {**hit, "text": prose[:3559]}
+    assert rag.fit_passages([prose_hit], messages, 2048, 256) == [prose_hit]

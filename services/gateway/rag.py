@@ -15,7 +15,13 @@ NO_CONTEXT_PROMPT = (
     "You are a helpful assistant. The user's documents had nothing relevant to this question; "
     "say so if the answer depends on them."
 )
-CHARS_PER_TOKEN = 3.5  # conservative estimate for English text; keeps the prompt inside context
+# Prompt sizes are estimated, never under: prose-sized ASCII words at 3.5 characters a token
+# (SmolLM2 measures 5.3 on English), anything else (a key, hash or base64 run without spaces,
+# non-ASCII text) at one token a byte, the most any byte-level tokenizer takes (SmolLM2: 1.1
+# to 1.4 bytes a token on hex, random keys, CJK and emoji). A passage of such text costs what
+# it may, so it never pushes the prompt past the generator's context.
+CHARS_PER_TOKEN = 3.5
+PROSE_WORD_CHARS = 15
 
 # Framing. Document text and titles are escaped, not fenced with a per-request random boundary:
 # a model does not check which end marker is the real one, so a look-alike "</passages>" would
@@ -29,7 +35,14 @@ _TAG_START = re.compile(r"<(?=\s*[/!?|A-Za-z])")  # "<" that opens a tag or a sp
 
 
 def estimate_tokens(text: str) -> int:
-    return int(len(text) / CHARS_PER_TOKEN) + 1
+    """At least the generator's tokens for text (see CHARS_PER_TOKEN)."""
+    total = 0.0
+    for word in text.split():
+        if len(word) <= PROSE_WORD_CHARS and word.isascii():
+            total += (len(word) + 1) / CHARS_PER_TOKEN
+        else:
+            total += len(word.encode("utf-8", "surrogatepass")) + 1
+    return int(total) + 1
 
 
 REWRITE_PROMPT = (
