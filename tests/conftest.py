@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from ragctl.stack import Ports, Stack
+from services.gateway.settings import GatewaySettings
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +59,17 @@ def wait_until_ready(client: httpx.Client, doc_id: str, timeout_s: float = 60.0)
             return dict(doc)
         assert time.monotonic() < deadline, f"document {doc_id} still {doc['status']}"
         time.sleep(0.2)
+
+
+def stack_gateway_settings(stack: Stack, **overrides: Any) -> GatewaySettings:
+    """Settings of a gateway that trusts the stack's Cognito pool and calls its services."""
+    assert stack.pool is not None
+    given: dict[str, Any] = {
+        "cognito_issuer": stack.pool.issuer,
+        "cognito_jwks_url": stack.pool.jwks_url,
+        "cognito_client_id": stack.pool.client_id,
+        "retriever_url": stack.url("retriever"),
+        "generator_url": stack.url("generator"),
+        "service_token": stack.service_token,
+    }
+    return GatewaySettings(**{**given, **overrides})

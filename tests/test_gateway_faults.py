@@ -6,19 +6,15 @@ import httpx
 
 from ragctl.stack import Stack, free_port
 from services.gateway.app import create_app
-from services.gateway.settings import GatewaySettings
+from tests.conftest import stack_gateway_settings
 
 
 async def test_retriever_down_gives_503_and_other_routes_still_work(
     stack: Stack, dev_token: str
 ) -> None:
-    assert stack.pool is not None
-    settings = GatewaySettings(
-        cognito_issuer=stack.pool.issuer,
-        cognito_jwks_url=stack.pool.jwks_url,
-        cognito_client_id=stack.pool.client_id,
+    settings = stack_gateway_settings(
+        stack,
         retriever_url=f"http://127.0.0.1:{free_port()}",  # nothing listens there
-        generator_url=stack.url("generator"),
     )
     app = create_app(settings)
     async with app.router.lifespan_context(app):

@@ -24,8 +24,7 @@ import uvicorn
 
 from ragctl.stack import Stack, free_port
 from services.gateway.app import create_app
-from services.gateway.settings import GatewaySettings
-from tests.conftest import wait_until_ready
+from tests.conftest import stack_gateway_settings, wait_until_ready
 
 OBSERVATORY = """# Quokka Valley Observatory
 
@@ -154,15 +153,7 @@ class StandInGenerator:
 async def served_gateway(stack: Stack, **overrides: Any) -> AsyncIterator[str]:
     """A gateway on a loopback port (uvicorn) that trusts the stack's Cognito pool and uses its
     retriever; yields its URL."""
-    assert stack.pool is not None
-    settings = GatewaySettings(
-        cognito_issuer=stack.pool.issuer,
-        cognito_jwks_url=stack.pool.jwks_url,
-        cognito_client_id=stack.pool.client_id,
-        retriever_url=stack.url("retriever"),
-        service_token=stack.service_token,
-        **overrides,
-    )
+    settings = stack_gateway_settings(stack, **overrides)
     port = free_port()
     config = uvicorn.Config(
         create_app(settings),

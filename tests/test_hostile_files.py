@@ -15,8 +15,7 @@ import pytest
 
 from ragctl.stack import Stack, wait_ready
 from services.gateway.app import create_app
-from services.gateway.settings import GatewaySettings
-from tests.conftest import wait_until_ready
+from tests.conftest import stack_gateway_settings, wait_until_ready
 from tests.documents import (
     make_cpu_bomb_pdf,
     make_docx_with_body,
@@ -105,15 +104,8 @@ def hostile_retriever(stack: Stack) -> Iterator[str]:
 async def test_one_users_hostile_files_do_not_delay_anothers_document(
     stack: Stack, hostile_retriever: str, dev_token: str, other_token: str
 ) -> None:
-    assert stack.pool is not None
-    settings = GatewaySettings(
-        cognito_issuer=stack.pool.issuer,
-        cognito_jwks_url=stack.pool.jwks_url,
-        cognito_client_id=stack.pool.client_id,
-        retriever_url=hostile_retriever,
-        generator_url=stack.url("generator"),
-        service_token=SERVICE_TOKEN,
-        rate_limit_burst=1000,
+    settings = stack_gateway_settings(
+        stack, retriever_url=hostile_retriever, service_token=SERVICE_TOKEN, rate_limit_burst=1000
     )
     app = create_app(settings)
     async with app.router.lifespan_context(app):
