@@ -139,16 +139,20 @@ def test_prompt_over_the_context_is_a_clear_400(sdk: OpenAI) -> None:
     assert "context" in err.value.body["message"]
 
 
+# A stream that holds a slot far longer than any test waits (about 20 s of tokens).
+ENDLESS = {
+    "messages": [{"role": "user", "content": "Write a very long story."}],
+    "max_tokens": 1800,
+    "stream": True,
+    "ignore_eos": True,
+}
+
+
 def test_client_disconnect_frees_the_slot(stack: Stack, sdk: OpenAI) -> None:
     """Both slots busy with endless streams; once their clients hang up, a new request is
     served at once instead of waiting for those generations to run out."""
     url = f"{stack.url('generator')}/v1/chat/completions"
-    body = {
-        "messages": [{"role": "user", "content": "Write a very long story."}],
-        "max_tokens": 1800,
-        "stream": True,
-        "ignore_eos": True,
-    }
+    body = ENDLESS
     streams_started = threading.Barrier(3)
 
     def hang_up_after_a_few_tokens() -> None:
@@ -184,12 +188,7 @@ def test_a_client_that_leaves_while_queued_frees_its_place_at_once(
     """Both slots busy with endless streams; a request queued behind them whose client gives
     up before any byte is dropped at once, not when a slot would have taken it."""
     url = f"{stack.url('generator')}/v1/chat/completions"
-    endless = {
-        "messages": [{"role": "user", "content": "Write a very long story."}],
-        "max_tokens": 1800,
-        "stream": True,
-        "ignore_eos": True,
-    }
+    endless = ENDLESS
     holding, done = threading.Barrier(3), threading.Event()
 
     def hold_a_slot() -> None:
