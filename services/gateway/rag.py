@@ -25,13 +25,16 @@ PROSE_WORD_CHARS = 15
 
 # Framing. Document text and titles are escaped, not fenced with a per-request random boundary:
 # a model does not check which end marker is the real one, so a look-alike "</passages>" would
-# mislead it whatever our marker; with every tag-like "<" escaped, no document can write a tag
-# (ours, or a chat template's "<|im_end|>" or "</s>") and the prompt stays the same from call
-# to call (reproducible, and the engine's prefix cache keeps working).
+# mislead it whatever our marker; with every tag-like "<" escaped, and the bracketed control
+# tokens of Mistral's and Llama 2's templates ("[INST]", "[/INST]", "[TOOL_CALLS]") broken,
+# no document can write a tag or a turn boundary (ours, "<|im_end|>", "</s>", "<｜User｜>",
+# "[/INST]"), and the prompt stays the same from call to call (reproducible, and the engine's
+# prefix cache keeps working).
 PASSAGES_OPEN, PASSAGES_CLOSE = "<passages>", "</passages>"
 PASSAGE_OPEN, PASSAGE_CLOSE = "<passage>", "</passage>"
 SOURCE_PART_MAX_CHARS = 160  # a title or heading in a passage's source line
-_TAG_START = re.compile(r"<(?=\s*[/!?|A-Za-z])")  # "<" that opens a tag or a special token
+_TAG_START = re.compile(r"<(?=\s*[/!?|｜A-Za-z])")  # "<" that opens a tag or a special token
+_CONTROL_TOKEN = re.compile(r"\[(?=\s*/?\s*[A-Z][A-Z_]*\s*\])")  # "[" of "[INST]", "[/INST]"
 
 
 def estimate_tokens(text: str) -> int:
@@ -106,8 +109,9 @@ def fit_passages(
 
 
 def escape_document_text(text: str) -> str:
-    """Document text that cannot open or close a tag: each tag-like "<" becomes "&lt;"."""
-    return _TAG_START.sub("&lt;", text)
+    """Document text that cannot open or close a tag or a turn: each tag-like "<" becomes
+    "&lt;", and a control-token "[" (as in "[/INST]") becomes "&#91;"."""
+    return _CONTROL_TOKEN.sub("&#91;", _TAG_START.sub("&lt;", text))
 
 
 def one_line(text: str, max_chars: int = SOURCE_PART_MAX_CHARS) -> str:
