@@ -158,3 +158,31 @@ async def test_a_cancelled_parse_kills_its_process_and_closing_leaves_none(
     assert not children()
     with pytest.raises(ParseInterrupted):
         await pool.parse("alice", SMALL, "text/markdown")
+
+
+async def test_an_answer_too_large_for_memory_fails_the_file_not_the_parser() -> None:
+    pool = ParsePool(1, ParseLimits(memory_mb=64, cpu_s=30, wall_s=30))
+    try:
+        emoji = ("😀🚀🎉 " * 600_000).encode()  # 9 MiB of text whose answer is larger still
+        with pytest.raises(ParseError, match="more than 64 MiB of memory"):
+            await pool.parse("mallory", emoji, "text/plain")
+        assert await pool.parse("mallory", SMALL, "text/markdown")
+    finally:
+        await pool.aclose()
+
+
+async def test_workers_get_none_of_the_retrievers_secrets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RETRIEVER_DATABASE_URL", "postgresql://owner:secret@db/rag")
+    monkeypatch.setenv("RETRIEVER_SERVICE_TOKEN", "a-service-token-of-some-length")
+    pool = ParsePool(1, ParseLimits())
+    try:
+        await pool.start()
+        (pid,) = pool_processes(pool)
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            environment = fh.read()
+        assert b"RETRIEVER_" not in environment and b"secret" not in environment
+        assert await pool.parse("alice", SMALL, "text/markdown")
+    finally:
+        await pool.aclose()

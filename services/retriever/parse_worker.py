@@ -23,6 +23,10 @@ from typing import IO, Any
 from services.retriever.parsing import ParseError, parse_document
 
 _LENGTH = struct.Struct(">I")
+# Text one document may yield (a PDF can unpack to far more text than its upload's 10 MiB).
+MAX_TEXT_CHARS = 64 * 2**20
+# Sent when even the answer does not fit in memory: built before any parse.
+_OUT_OF_MEMORY = json.dumps({"error": "out of memory", "kind": "memory"}).encode()
 
 
 def read_frame(stream: IO[bytes]) -> bytes | None:
@@ -35,7 +39,8 @@ def read_frame(stream: IO[bytes]) -> bytes | None:
 
 
 def write_frame(stream: IO[bytes], data: bytes) -> None:
-    stream.write(_LENGTH.pack(len(data)) + data)
+    stream.write(_LENGTH.pack(len(data)))
+    stream.write(data)  # not joined: no second copy of a large answer
     stream.flush()
 
 
@@ -66,6 +71,10 @@ def _answer(spec: dict[str, Any], raw: bytes) -> dict[str, Any]:
     )
     try:
         blocks = parse_document(raw, str(spec["media_type"]))
+        if sum(len(block.text) for block in blocks) > MAX_TEXT_CHARS:
+            raise ParseError(
+                f"the document holds over {MAX_TEXT_CHARS // 2**20} million characters of text"
+            )
     except ParseError as exc:
         return {"error": str(exc), "kind": "parse"}
     except MemoryError:
@@ -91,10 +100,15 @@ def main() -> None:
         header, raw = read_frame(requests), read_frame(requests)
         if header is None or raw is None:
             return  # the retriever closed the pipe: it is done with this worker
-        answer = _answer(json.loads(header), raw)
-        answer["cpu"] = cpu_seconds()
-        answer["rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        write_frame(answers, json.dumps(answer).encode())
+        try:
+            answer = _answer(json.loads(header), raw)
+            del raw
+            answer["cpu"] = cpu_seconds()
+            answer["rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            encoded = json.dumps(answer, ensure_ascii=False).encode()
+        except MemoryError:  # the blocks parsed, but their answer does not fit
+            answer, encoded = {"kind": "memory"}, _OUT_OF_MEMORY
+        write_frame(answers, encoded)
         if answer.get("kind") == "memory":
             return  # what is left of this process after running out is not worth keeping
 

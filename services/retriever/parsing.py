@@ -505,6 +505,8 @@ def _docx_blocks(raw: bytes) -> list[Block]:
     except MemoryError:
         raise
     except Exception as exc:
+        if "Memory allocation failed" in str(exc):  # libxml2's way of saying MemoryError
+            raise MemoryError from exc
         reason = _docx_reason(exc)
         raise ParseError(f"the DOCX file is corrupt or not a Word document: {reason}") from exc
     return blocks

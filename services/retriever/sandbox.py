@@ -20,6 +20,7 @@ import signal
 import sys
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from services.retriever.parse_worker import _LENGTH
@@ -29,7 +30,31 @@ logger = logging.getLogger(__name__)
 
 RECYCLE_AFTER_PARSES = 500
 RECYCLE_ABOVE_RSS_KB = 512 * 1024  # a worker that grew this large is replaced after its parse
+_WORKER_ENV = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "TMPDIR", "OPENBLAS_CORETYPE")
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # where `services` can be imported
 LOAD_CPU_SHARE = 0.5  # a parse past its wall time that used less CPU than this share was starved
+
+
+def _blocks_of(answer: object) -> list[Block] | None:
+    """The blocks of a worker's answer, None for an error answer; ParseInterrupted if the
+    answer is not one a worker writes."""
+    if not isinstance(answer, dict):
+        raise ParseInterrupted("the parser answered garbage")
+    blocks = answer.get("blocks")
+    if blocks is None:
+        if isinstance(answer.get("kind"), str):
+            return None
+        raise ParseInterrupted("the parser answered garbage")
+    if not isinstance(blocks, list) or not all(
+        isinstance(b, list)
+        and len(b) == 3
+        and isinstance(b[0], str)
+        and (b[1] is None or isinstance(b[1], str))
+        and (b[2] is None or (isinstance(b[2], int) and not isinstance(b[2], bool)))
+        for b in blocks
+    ):
+        raise ParseInterrupted("the parser answered garbage")
+    return [Block(text, heading, page) for text, heading, page in blocks]
 
 
 class ParseInterrupted(Exception):
@@ -144,6 +169,10 @@ class ParsePool:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=None,
+            # Not the retriever's environment: no database URLs or service token for a parser
+            # that a hostile file might take over.
+            env={name: os.environ[name] for name in _WORKER_ENV if name in os.environ},
+            cwd=_PACKAGE_ROOT,
         )
         return _Worker(proc)
 
@@ -206,35 +235,43 @@ class ParsePool:
             try:
                 async with asyncio.timeout(self.limits.wall_s):  # from the parse's start
                     worker.proc.stdin.write(_LENGTH.pack(len(header)) + header)
-                    worker.proc.stdin.write(_LENGTH.pack(len(raw)) + raw)
+                    worker.proc.stdin.write(_LENGTH.pack(len(raw)))
+                    worker.proc.stdin.write(raw)
                     await worker.proc.stdin.drain()
                     size = _LENGTH.unpack(await worker.proc.stdout.readexactly(_LENGTH.size))[0]
-                    answer = json.loads(await worker.proc.stdout.readexactly(size))
+                    data = await worker.proc.stdout.readexactly(size)
             except TimeoutError:
                 raise self._overran(worker) from None
             except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
                 raise await self._died(worker) from None
-        except BaseException:  # over a limit, crashed, or cancelled: this process is done
+            # Large answers are decoded off the event loop; any answer is checked, as a
+            # process that read a hostile file is not trusted to say what it should.
+            answer = await asyncio.to_thread(json.loads, data) if size > 2**20 else json.loads(data)
+            blocks = _blocks_of(answer)
+        except BaseException:  # over a limit, crashed, cancelled or garbled: this one is done
             await worker.reap()
             self._background(self._replace(worker))
             raise
         worker.cpu = float(answer.get("cpu", worker.cpu))
         spent = answer.get("kind") == "memory"  # it exits after saying so
         self._checkin(worker, int(answer.get("rss_kb", 0)), spent)
-        if "blocks" in answer:
-            return [Block(text, heading, page) for text, heading, page in answer["blocks"]]
-        if answer.get("kind") == "memory":
+        if blocks is not None:
+            return blocks
+        if spent:
             raise ParseError(
                 f"the document needs more than {self.limits.memory_mb} MiB of memory to read"
             )
-        raise ParseError(str(answer.get("error") or "the document could not be read"))
+        raise ParseError(str(answer.get("error") or "the document could not be read")[:300])
 
     def _overran(self, worker: _Worker) -> Exception:
         """Past the wall-clock limit: the file's fault if it kept the CPU busy, else load's."""
         now = worker.cpu_now()
         worker.kill()
         used = None if now is None else now - worker.cpu
-        if used is not None and used < LOAD_CPU_SHARE * self.limits.wall_s:
+        # A parse that had its share of a CPU meets the CPU limit first (SIGXCPU) unless the
+        # wall limit is the lower one: compare with the lower.
+        busy = LOAD_CPU_SHARE * min(self.limits.cpu_s, self.limits.wall_s)
+        if used is not None and used < busy:
             logger.warning(
                 "a parse ran past %gs using %.1fs of CPU; the host is overloaded",
                 self.limits.wall_s,
