@@ -304,6 +304,36 @@ async def test_past_the_global_bound_chats_get_a_fast_503_with_retry_after(
             assert "Hello" in admitted.text
 
 
+async def test_plain_answers_being_generated_do_not_count_against_the_bound(
+    stack: Stack, tokens: list[str]
+) -> None:
+    """A chat that is not streamed stops waiting once it is sent: the generator answers it
+    only when done, and its own queue bound (429) holds from there."""
+    async with (
+        StandInGenerator(answer("Hello there.")) as generator,
+        served_gateway(
+            stack, generator_url=generator.url, max_waiting_chats=2, rate_limit_burst=100
+        ) as url,
+    ):
+        clients = [httpx.AsyncClient(base_url=url, timeout=10, headers=bearer(t)) for t in tokens]
+        try:
+            generating = [
+                asyncio.create_task(c.post("/v1/chat/completions", json=chat(stream=False)))
+                for c in clients[:2]
+            ]
+            await until(lambda: len(generator.requests) == 2)
+            third = asyncio.create_task(
+                clients[2].post("/v1/chat/completions", json=chat(stream=False))
+            )
+            await until(lambda: len(generator.requests) == 3)  # admitted, not shed
+            generator.answering.set()
+            for resp in await asyncio.gather(*generating, third):
+                assert resp.status_code == 200, resp.text
+        finally:
+            for client in clients:
+                await client.aclose()
+
+
 async def test_a_stream_the_generator_keeps_waiting_gets_keep_alives_then_its_error(
     stack: Stack, tokens: list[str]
 ) -> None:

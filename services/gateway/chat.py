@@ -101,8 +101,12 @@ async def chat_completion(
     )
     if body.stream:
         return await _stream_reply(request, body, user, settings, max_tokens, admission)
-    # Not streamed: the chat waits for the generator until the whole answer is in.
-    answering = asyncio.create_task(_complete(request, body, user, settings, max_tokens))
+    # Not streamed: the engine answers only once the whole answer is done, so the chat stops
+    # counting as waiting when it is handed to the generator, whose own bound (429) then
+    # holds; a stream counts until its first event.
+    answering = asyncio.create_task(
+        _complete(request, body, user, settings, max_tokens, admission.answered)
+    )
     try:
         await unless_client_leaves(request, answering, None)
         return answering.result()
@@ -172,9 +176,10 @@ async def _complete(
     user: Principal,
     settings: GatewaySettings,
     max_tokens: int,
+    on_sent: Callable[[], None],
 ) -> JSONResponse:
     """The non-streamed answer, with the citations."""
-    resp, cites = await _start_generation(request, body, user, settings, max_tokens)
+    resp, cites = await _start_generation(request, body, user, settings, max_tokens, on_sent)
     try:
         raw = await resp.aread()
     except EngineUnavailable as exc:
@@ -217,9 +222,10 @@ async def _start_generation(
     user: Principal,
     settings: GatewaySettings,
     max_tokens: int,
+    on_sent: Callable[[], None] | None = None,
 ) -> tuple[EngineResponse, list[dict[str, Any]]]:
-    """Retrieve, build the prompt, and send it; return the generator's response (headers in)
-    and the citations of the passages the prompt holds."""
+    """Retrieve, build the prompt, and send it (calling on_sent just before); return the
+    generator's response (headers in) and the citations of the passages the prompt holds."""
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     question = rag.last_user_question(messages)
     passages: list[dict[str, Any]] = []
@@ -242,6 +248,8 @@ async def _start_generation(
     prompt = rag.build_messages(passages, messages) if body.retrieval.enabled else messages
     payload = _generator_payload(body, prompt, max_tokens)
     generator: EngineClient = request.app.state.generator_stream
+    if on_sent is not None:
+        on_sent()
     try:
         resp = await asyncio.wait_for(
             generator.post("/v1/chat/completions", payload), settings.generator_timeout_s

@@ -27,7 +27,8 @@ class GatewaySettings(InternalAuthSettings):
     max_concurrent_streams: int = 4  # chat completions in progress per user
     # Across users: chats admitted that the generator has not begun to answer (retrieval,
     # prompt, the engine's queue: a streamed chat until its first event, one not streamed
-    # until its answer). Past it a chat gets 503 "overloaded" at once. 16: one full batch of
+    # until it is sent, after which the generator's own bound answers 429). Past it a chat
+    # gets 503 "overloaded" at once. 16: one full batch of
     # the production engine (vLLM max_num_seqs 16) queued behind the running one, so the last
     # admitted chat starts within about one answer's time; 16 running + 16 waiting stays under
     # the generator's own bound (16 + 32 queued), so this gateway sheds before retrieval
