@@ -200,6 +200,19 @@ async def unless_client_leaves(
     return False
 
 
+def close_if_abandoned(task: asyncio.Task[Any]) -> None:
+    """Once task ends, close the EngineResponse it returned: nobody will read it (its caller
+    left or was cancelled while it finished), and an open one keeps the engine generating."""
+
+    def close(done: asyncio.Task[Any]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            resp = done.result()
+            if isinstance(resp, EngineResponse):
+                asyncio.ensure_future(resp.aclose())
+
+    task.add_done_callback(close)
+
+
 class ClosingStreamingResponse(StreamingResponse):
     """A streaming response that runs `on_close` however it ends, even when the client is
     gone before the body generator ever started (its own `finally` would not run then)."""

@@ -130,6 +130,9 @@ class RetrieverClient:
                     method,
                     path,
                 )
+        resent = not may_retry and is_idempotent(method, path)
+        if resent and method.upper() == "DELETE" and resp.status_code == 404:
+            return resp  # the first copy may have deleted it before the connection broke
         if resp.status_code >= 400:
             raise passthrough_error(
                 resp.status_code, resp.content, "retriever", resp.headers.get("retry-after")

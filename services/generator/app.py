@@ -21,6 +21,7 @@ from services.common.relay import (
     ClosingStreamingResponse,
     EngineClient,
     EngineUnavailable,
+    close_if_abandoned,
     unless_client_leaves,
 )
 from services.generator.engines import make_engine
@@ -135,11 +136,17 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
             await unless_client_leaves(request, posting)
             resp = posting.result()
         except ClientGone:
+            close_if_abandoned(posting)
             release()
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         except (EngineUnavailable, TimeoutError) as exc:
             release()
             raise APIError(503, "the inference engine is unavailable", code="engine_down") from exc
+        except BaseException:  # cancelled (shutting down): the engine must see us leave
+            posting.cancel()
+            close_if_abandoned(posting)
+            release()
+            raise
         if resp.status_code != 200 or not payload.get("stream"):
             reading = asyncio.create_task(resp.aread())
             try:

@@ -245,7 +245,7 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
         content_type, charset = media_type_of_request(request.headers.get("content-type", ""))
         if content_type == "multipart/form-data":
             title, media_type, metadata, raw = await _read_multipart(request, settings)
-        elif content_type == "application/json" and charset in (None, "utf-8"):
+        elif content_type == "application/json" and charset in (None, "utf-8", "utf8"):
             doc_in = _document_in(await read_capped_body(request, limit))
             title, media_type, metadata = doc_in.title, doc_in.media_type, doc_in.metadata
             raw = doc_in.text.encode()  # checked: no lone surrogates
