@@ -111,10 +111,11 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     def _stop(signum: int, _frame: object) -> None:
         nonlocal stopping
-        if not stopping:
-            stopping = True
-            if not supervising:  # starting: interrupt it; supervising: end after this round
-                raise KeyboardInterrupt
+        if stopping:  # asked twice: a restart is stuck; stop now
+            raise KeyboardInterrupt
+        stopping = True
+        if not supervising:  # starting: interrupt it; supervising: end after this round
+            raise KeyboardInterrupt
 
     # Both set explicitly: a shell that starts ragctl in the background (or CI) may have
     # left SIGINT ignored, and Python then installs no KeyboardInterrupt handler of its own.
