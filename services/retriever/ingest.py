@@ -9,6 +9,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 import uuid
 
 import httpx
@@ -29,6 +30,13 @@ logger = logging.getLogger(__name__)
 EMBED_REQUESTS_IN_FLIGHT = 2  # per kind (embeddings, token counts): one runs, one waits
 COUNT_BATCH = 2048
 LIVENESS_CHECK_S = 1.0  # how soon a lost liveness lock is noticed and taken again
+LIVENESS_CONNECT_TIMEOUT_S = 10  # connecting for the liveness lock (libpq: whole seconds)
+LIVENESS_QUERY_TIMEOUT_S = 5.0  # a liveness query slower than this drops the connection
+LIVENESS_START_TIMEOUT_S = 60.0  # start() fails if the lock cannot be taken within this
+# After a database restart or failover every replica's lock is gone at once, and each takes
+# its own again within this (notice, reconnect, lock): until then a missing lock does not
+# mean a dead replica, and leases alone decide.
+MISSING_LOCK_GRACE_S = 2 * LIVENESS_CHECK_S + LIVENESS_QUERY_TIMEOUT_S + LIVENESS_CONNECT_TIMEOUT_S
 
 
 def content_hash(raw: bytes) -> str:
@@ -56,6 +64,10 @@ class Ingestor:
         self._workers: list[asyncio.Task[None]] = []
         self._liveness: asyncio.Task[None] | None = None
         self._held = asyncio.Event()  # the liveness lock is held: claiming is safe
+        self._liveness_error: str | None = None  # why the lock was last not taken or lost
+        # Retaken after a loss (time.monotonic()): until then, a missing lock of another
+        # replica is not trusted, whatever the server's uptime says (a failover).
+        self._trust_missing_locks_at = 0.0
         self._overhead: int | None = None
         # Jobs share embedder requests: many small documents make few, full requests.
         self._embed = Coalescer(
@@ -84,7 +96,14 @@ class Ingestor:
         # restarted): to other replicas our jobs look abandoned then, and taking theirs
         # while they take ours back would churn attempts.
         self._liveness = asyncio.create_task(self._hold_liveness(), name="ingest-liveness")
-        await self._held.wait()
+        try:
+            await asyncio.wait_for(self._held.wait(), LIVENESS_START_TIMEOUT_S)
+        except TimeoutError:
+            await self.stop()
+            raise RuntimeError(
+                f"could not take the ingestion liveness lock in {LIVENESS_START_TIMEOUT_S:.0f}s: "
+                f"{self._liveness_error or 'no answer from the database'}"
+            ) from None
         self._workers = [
             asyncio.create_task(self._work(f"{self.worker_id}/{i}"), name=f"ingest-{i}")
             for i in range(self.settings.ingest_workers)
@@ -104,37 +123,66 @@ class Ingestor:
     async def _hold_liveness(self) -> None:
         """Hold this replica's liveness lock on a connection of its own, for as long as the
         replica lives; take it again after the database comes back."""
+        lost = False
         while True:
             try:
                 async with await AsyncConnection.connect(
-                    self.store.pool.conninfo, autocommit=True
+                    self.store.pool.conninfo,
+                    autocommit=True,
+                    connect_timeout=LIVENESS_CONNECT_TIMEOUT_S,
                 ) as conn:
                     await self._take_liveness_lock(conn)
+                    if lost:
+                        self._trust_missing_locks_at = time.monotonic() + MISSING_LOCK_GRACE_S
+                        logger.info("took the ingestion liveness lock again")
+                    lost, self._liveness_error = False, None
                     self._held.set()
                     while True:
                         await asyncio.sleep(LIVENESS_CHECK_S)
-                        await conn.execute("SELECT 1")
+                        await asyncio.wait_for(conn.execute("SELECT 1"), LIVENESS_QUERY_TIMEOUT_S)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
+                self._liveness_error = str(exc) or type(exc).__name__
                 if self._held.is_set():
-                    logger.warning("lost the ingestion liveness lock; taking it again")
+                    logger.warning(
+                        "lost the ingestion liveness lock (%s); taking it again",
+                        self._liveness_error,
+                    )
+                    lost = True
+                else:
+                    logger.warning(
+                        "could not take the ingestion liveness lock: %s", self._liveness_error
+                    )
                 self._held.clear()
                 await asyncio.sleep(LIVENESS_CHECK_S)
 
     async def _take_liveness_lock(self, conn: AsyncConnection) -> None:
         started = bool(self._workers)
         while True:
-            cur = await conn.execute(
-                "SELECT pg_try_advisory_lock(%s, %s)", (LIVENESS_LOCK, self.replica_key)
+            cur = await asyncio.wait_for(
+                conn.execute(
+                    "SELECT pg_try_advisory_lock(%s, %s)", (LIVENESS_LOCK, self.replica_key)
+                ),
+                LIVENESS_QUERY_TIMEOUT_S,
             )
             row = await cur.fetchone()
             if row and row[0]:
                 return
             if started:  # ours: a session of ours the server has not yet seen close
+                logger.warning(
+                    "the ingestion liveness lock is still held by a closed session of ours"
+                )
                 await asyncio.sleep(LIVENESS_CHECK_S)
             else:  # another live replica drew the same key
                 self.replica_key = secrets.randbelow(2**31 - 1) + 1
+
+    def _missing_lock_grace(self) -> float | None:
+        """The server uptime after which another replica's missing lock means it died;
+        None while this replica has only just taken its own lock again."""
+        if time.monotonic() < self._trust_missing_locks_at:
+            return None
+        return MISSING_LOCK_GRACE_S
 
     def notify(self) -> None:
         """A job was queued here: wake an idle worker now rather than at the next poll."""
@@ -151,6 +199,7 @@ class Ingestor:
                     self.settings.ingest_lease_s,
                     self.replica_key,
                     self.settings.jobs_per_user,
+                    self._missing_lock_grace(),
                 )
                 if failing:
                     logger.info("%s claims jobs again", worker)

@@ -105,6 +105,13 @@ MIGRATIONS: list[str] = [
     ALTER TABLE chunks ALTER COLUMN id
         SET DEFAULT (floor(random() * 9007199254740990))::bigint + 1;
     """,
+    # Claims choose the user first (fewest jobs in progress on the claiming replica), then
+    # that user's oldest due job: the users with jobs are listed by a loose index scan, and
+    # each user's due jobs are read in run_after order, never the capped users' backlogs.
+    # ingest_jobs_due stays for replicas of the previous version during a rolling deploy.
+    """
+    CREATE INDEX ingest_jobs_user_due ON ingest_jobs (user_id, run_after);
+    """,
 ]
 
 

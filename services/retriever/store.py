@@ -26,6 +26,7 @@ from services.retriever.chunking import Chunk
 # pg_advisory_lock(LIVENESS_LOCK, replica_key) is held by each live replica on a connection of
 # its own: when the process dies, the server drops the lock, and its jobs are free at once.
 LIVENESS_LOCK = 727275
+CLAIM_TRIES = 8  # users one claim tries in turn, when others took a user's jobs meanwhile
 CHUNK_ID_ATTEMPTS = 3  # random chunk ids: a clash (about 1 in 10**7 at 10**8 chunks) redraws
 DOC_COLUMNS = "id, title, media_type, metadata, status, error, chunk_count, created_at, updated_at"
 RRF_K = 60
@@ -33,6 +34,50 @@ RRF_K = 60
 STAGING_TABLE = (
     "CREATE TEMP TABLE IF NOT EXISTS chunk_stage (ordinal integer, text text, "
     "position jsonb, embedding vector) ON COMMIT DELETE ROWS"
+)
+
+# A job no live replica holds: free, or its lease ran out; with CLAIMABLE also one leased by
+# another replica whose liveness lock is gone, once the server has been up for the grace (a
+# restart drops every lock at once, and the replicas take theirs again one by one).
+CLAIMABLE_BY_LEASE = "(j.lease_until IS NULL OR j.lease_until < now())"
+CLAIMABLE = (
+    "(j.lease_until IS NULL OR j.lease_until < now() "
+    "OR (j.replica_key <> %(replica)s "  # this replica is alive: it asks
+    "  AND (SELECT pg_postmaster_start_time() < now() - make_interval(secs => %(grace)s)) "
+    "  AND j.replica_key NOT IN (SELECT l.objid::bigint FROM pg_locks l "
+    "    WHERE l.locktype = 'advisory' AND l.classid = %(lock)s::oid "
+    "    AND l.objsubid = 2 AND l.granted)))"
+)
+# The users with a claimable due job, in the order they are served: fewest jobs in progress
+# on this replica first (users with per_user of them left out), then the oldest such job.
+# The users are listed by a loose index scan on (user_id, run_after), one probe each, and a
+# user's due jobs are read in run_after order up to the first claimable one: no backlog is
+# walked, however long.
+CLAIM_ORDER = (
+    "WITH RECURSIVE users (user_id) AS ("
+    "  (SELECT user_id FROM ingest_jobs ORDER BY user_id LIMIT 1) "
+    "  UNION ALL "
+    "  SELECT (SELECT j.user_id FROM ingest_jobs j WHERE j.user_id > u.user_id "
+    "    ORDER BY j.user_id LIMIT 1) FROM users u WHERE u.user_id IS NOT NULL), "
+    "busy AS (SELECT user_id, count(*) AS leased FROM ingest_jobs "
+    "  WHERE replica_key = %(replica)s AND lease_until >= now() GROUP BY user_id) "
+    "SELECT u.user_id FROM users u LEFT JOIN busy b ON b.user_id = u.user_id, "
+    "LATERAL (SELECT j.run_after FROM ingest_jobs j "
+    "  WHERE j.user_id = u.user_id AND j.run_after <= now() AND {claimable} "
+    "  ORDER BY j.run_after LIMIT 1) oldest "
+    "WHERE u.user_id IS NOT NULL AND coalesce(b.leased, 0) < %(per_user)s "
+    "ORDER BY coalesce(b.leased, 0), oldest.run_after, u.user_id LIMIT %(tries)s"
+)
+# Lease one user's oldest claimable due job, if that user is still under per_user here.
+CLAIM_USER_JOB = (
+    "UPDATE ingest_jobs SET attempts = attempts + 1, leased_by = %(worker)s, "
+    "replica_key = %(replica)s, lease_until = now() + make_interval(secs => %(lease)s) "
+    "WHERE document_id = (SELECT j.document_id FROM ingest_jobs j "
+    "  WHERE j.user_id = %(user)s AND j.run_after <= now() AND {claimable} "
+    "  AND (SELECT count(*) FROM ingest_jobs b WHERE b.replica_key = %(replica)s "
+    "    AND b.user_id = %(user)s AND b.lease_until >= now()) < %(per_user)s "
+    "  ORDER BY j.run_after LIMIT 1 FOR UPDATE SKIP LOCKED) "
+    "RETURNING document_id, user_id, attempts, retries, last_error"
 )
 
 
@@ -168,37 +213,45 @@ class Store:
     # ingestion jobs ------------------------------------------------------------
 
     async def claim_job(
-        self, worker: str, lease_s: float, replica_key: int, per_user: int
+        self,
+        worker: str,
+        lease_s: float,
+        replica_key: int,
+        per_user: int,
+        lock_grace_s: float | None,
     ) -> Job | None:
-        """Lease the oldest due job that no live replica holds (its lease ran out, or its
-        replica's liveness lock is gone), skipping rows others are claiming and users who
-        already have per_user jobs in progress on this replica."""
+        """Lease a due job that no live replica holds: the oldest one of the user with the
+        fewest jobs in progress on this replica (under per_user), between equals the user
+        whose job waited longest.
+
+        A job leased by another replica is taken before its lease ends only if that
+        replica's liveness lock is gone and the server has been up for lock_grace_s (after a
+        restart every replica needs a moment to take its lock again); None: never.
+        """
+        params: dict[str, Any] = {
+            "worker": worker,
+            "replica": replica_key,
+            "lease": lease_s,
+            "per_user": per_user,
+            "lock": LIVENESS_LOCK,
+            "grace": lock_grace_s,
+            "tries": CLAIM_TRIES,
+        }
+        claimable = CLAIMABLE if lock_grace_s is not None else CLAIMABLE_BY_LEASE
         async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                "UPDATE ingest_jobs SET attempts = attempts + 1, leased_by = %(worker)s, "
-                "replica_key = %(replica)s, lease_until = now() + make_interval(secs => %(lease)s) "
-                "WHERE document_id = (SELECT j.document_id FROM ingest_jobs j "
-                "  WHERE j.run_after <= now() "
-                "  AND (j.lease_until IS NULL OR j.lease_until < now() "
-                "    OR (j.replica_key <> %(replica)s "  # this replica is alive: it asks
-                "      AND j.replica_key NOT IN (SELECT l.objid::bigint FROM pg_locks l "
-                "        WHERE l.locktype = 'advisory' AND l.classid = %(lock)s::oid "
-                "        AND l.objsubid = 2 AND l.granted))) "
-                "  AND j.user_id NOT IN (SELECT b.user_id FROM ingest_jobs b "
-                "    WHERE b.replica_key = %(replica)s AND b.lease_until >= now() "
-                "    GROUP BY b.user_id HAVING count(*) >= %(per_user)s) "
-                "  ORDER BY j.run_after LIMIT 1 FOR UPDATE SKIP LOCKED) "
-                "RETURNING document_id, user_id, attempts, retries, last_error",
-                {
-                    "worker": worker,
-                    "replica": replica_key,
-                    "lease": lease_s,
-                    "lock": LIVENESS_LOCK,
-                    "per_user": per_user,
-                },
-            )
-            row = await cur.fetchone()
-            return Job(*row) if row else None
+            cur = await conn.execute(CLAIM_ORDER.format(claimable=claimable), params)
+            users = [row[0] for row in await cur.fetchall()]
+            # Workers claiming at once read the same order: SKIP LOCKED hands them the same
+            # user's next jobs, and a user whose claimable jobs others took meanwhile yields
+            # to the next one.
+            for user_id in users:
+                cur = await conn.execute(
+                    CLAIM_USER_JOB.format(claimable=claimable), {**params, "user": user_id}
+                )
+                row = await cur.fetchone()
+                if row:
+                    return Job(*row)
+            return None
 
     async def renew_lease(self, job: Job, worker: str, lease_s: float) -> bool:
         async with self.pool.connection() as conn:
