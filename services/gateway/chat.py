@@ -10,13 +10,20 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError
 
 from services.common.errors import APIError, error_body
+from services.common.protocol import (
+    SEARCH_QUERY_MAX_CHARS,
+    ChatRequest,
+    Citation,
+    SearchHit,
+    SearchRequest,
+)
 from services.common.relay import (
     CLIENT_CLOSED_REQUEST,
     ClientGone,
@@ -34,38 +41,14 @@ from services.gateway.upstream import RetrieverClient, passthrough_error, unavai
 
 logger = logging.getLogger(__name__)
 
-SEARCH_QUERY_MAX_CHARS = 4000  # the retriever's cap on a search query (SearchRequest.query)
 REWRITE_MAX_CHARS = 500  # of a rewritten question, kept in front of the question itself
 KEEP_ALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | None = None
-
-
-class RetrievalOptions(BaseModel):
-    enabled: bool = True
-    k: int | None = Field(None, ge=1, le=20)
-    mode: Literal["hybrid", "vector", "text"] = "hybrid"
-    document_ids: list[uuid.UUID] = Field(default_factory=list)
-    filters: dict[str, Any] = Field(default_factory=dict)
-
-
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    retrieval: RetrievalOptions = Field(default_factory=RetrievalOptions)
+def citations_json(cites: list[Citation]) -> list[dict[str, Any]]:
+    """Citations as they go into a completion or the last streamed event."""
+    return [cite.model_dump(mode="json") for cite in cites]
 
 
 def _generator_payload(
@@ -190,7 +173,7 @@ async def _complete(
         raise passthrough_error(resp.status_code, raw, "generator")
     completion = json.loads(raw)
     completion.pop("timings", None)
-    completion["citations"] = cites
+    completion["citations"] = citations_json(cites)
     return JSONResponse(completion)
 
 
@@ -223,28 +206,25 @@ async def _start_generation(
     settings: GatewaySettings,
     max_tokens: int,
     on_sent: Callable[[], None] | None = None,
-) -> tuple[EngineResponse, list[dict[str, Any]]]:
+) -> tuple[EngineResponse, list[Citation]]:
     """Retrieve, build the prompt, and send it (calling on_sent just before); return the
     generator's response (headers in) and the citations of the passages the prompt holds."""
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     question = rag.last_user_question(messages)
-    passages: list[dict[str, Any]] = []
+    passages: list[rag.Passage] = []
+    cited: list[SearchHit] = []
     if body.retrieval.enabled and question:
-        retriever: RetrieverClient = request.app.state.retriever
         query = search_query(question)  # the whole question still goes to the generator
         if settings.rewrite_questions and rag.has_history(messages):
             query = await _standalone_query(request, messages, question, settings)
-        hits = await retriever.search(
-            user.sub,
-            {
-                "query": query,
-                "k": body.retrieval.k or settings.rag_k,
-                "mode": body.retrieval.mode,
-                "document_ids": [str(d) for d in body.retrieval.document_ids],
-                "filters": {"metadata": body.retrieval.filters.get("metadata", {})},
-            },
+        hits = await _search(request, user, body.retrieval.search_request(query, settings.rag_k))
+        passages = rag.fit_passages(
+            [hit.model_dump(mode="json") for hit in hits],
+            messages,
+            settings.generator_context_tokens,
+            max_tokens,
         )
-        passages = rag.fit_passages(hits, messages, settings.generator_context_tokens, max_tokens)
+        cited = hits[: len(passages)]  # fit_passages keeps the best hits, in order
     prompt = rag.build_messages(passages, messages) if body.retrieval.enabled else messages
     payload = _generator_payload(body, prompt, max_tokens)
     generator: EngineClient = request.app.state.generator_stream
@@ -256,7 +236,18 @@ async def _start_generation(
         )
     except (EngineUnavailable, TimeoutError) as exc:
         raise unavailable("generator") from exc
-    return resp, rag.citations(passages)
+    return resp, Citation.of_hits(cited)
+
+
+async def _search(request: Request, user: Principal, search: SearchRequest) -> list[SearchHit]:
+    """The retriever's hits for search, under the caller's tenant."""
+    retriever: RetrieverClient = request.app.state.retriever
+    hits = await retriever.search(user.sub, search.model_dump(mode="json"))
+    try:
+        return [SearchHit.model_validate(hit) for hit in hits]
+    except ValidationError as exc:
+        logger.error("the retriever answered a search with a malformed hit: %s", exc)
+        raise APIError(502, "the retriever failed", code="retriever_error") from exc
 
 
 async def _standalone_query(
@@ -299,7 +290,7 @@ def _error_event(exc: APIError) -> bytes:
 
 
 async def _stream_once_started(
-    starting: asyncio.Task[tuple[EngineResponse, list[dict[str, Any]]]],
+    starting: asyncio.Task[tuple[EngineResponse, list[Citation]]],
     settings: GatewaySettings,
     on_first_event: Callable[[], None],
 ) -> AsyncGenerator[bytes, None]:
@@ -367,7 +358,7 @@ async def _sse_lines(
 
 async def _stream_with_citations(
     resp: EngineResponse,
-    cites: list[dict[str, Any]],
+    cites: list[Citation],
     keepalive_s: float,
     idle_timeout_s: float,
     on_first_event: Callable[[], None],
@@ -416,7 +407,7 @@ async def _stream_with_citations(
         "created": created,
         "model": model,
         "choices": [],
-        "citations": cites,
+        "citations": citations_json(cites),
     }
     yield f"data: {json.dumps(final)}\n\n".encode()
     yield DONE

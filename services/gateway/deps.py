@@ -4,15 +4,30 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+import httpx
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from services.common.errors import APIError
 from services.gateway.auth import CognitoVerifier, Principal, unauthorized
+from services.gateway.settings import GatewaySettings
+from services.gateway.upstream import RetrieverClient
+
+# Declares the scheme in OpenAPI (the Authorize button of /docs); current_user checks the token.
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    scheme_name="CognitoBearer",
+    bearerFormat="JWT",
+    description="An Amazon Cognito access token: `Authorization: Bearer <token>`.",
+)
 
 
 async def current_user(
-    request: Request, authorization: Annotated[str | None, Header()] = None
+    request: Request,
+    _declared: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
 ) -> Principal:
+    """The verified caller, within their rate limit: 401, 403 or 429 otherwise."""
+    authorization = request.headers.get("authorization")
     if not authorization:
         raise unauthorized("missing bearer token")
     scheme, _, token = authorization.partition(" ")
@@ -34,4 +49,24 @@ async def current_user(
     return principal
 
 
+def gateway_settings(request: Request) -> GatewaySettings:
+    settings: GatewaySettings = request.app.state.settings
+    return settings
+
+
 User = Annotated[Principal, Depends(current_user)]
+Settings = Annotated[GatewaySettings, Depends(gateway_settings)]
+
+
+def retriever_client(request: Request) -> RetrieverClient:
+    client: RetrieverClient = request.app.state.retriever
+    return client
+
+
+def generator_http(request: Request) -> httpx.AsyncClient:
+    client: httpx.AsyncClient = request.app.state.generator
+    return client
+
+
+Retriever = Annotated[RetrieverClient, Depends(retriever_client)]
+GeneratorHTTP = Annotated[httpx.AsyncClient, Depends(generator_http)]

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, TypeAlias
+
+# A search hit as JSON (services.common.protocol.SearchHit.model_dump(mode="json")): the
+# prompt reads its title, text and position.
+Passage: TypeAlias = dict[str, Any]
 
 SYSTEM_PROMPT = (
     "You answer questions using the numbered passages below, taken from the user's documents. "
@@ -90,15 +94,15 @@ def last_user_question(messages: list[dict[str, Any]]) -> str | None:
 
 
 def fit_passages(
-    hits: list[dict[str, Any]],
+    hits: list[Passage],
     messages: list[dict[str, Any]],
     context_tokens: int,
     max_tokens: int,
-) -> list[dict[str, Any]]:
+) -> list[Passage]:
     """Keep the best passages that fit the context beside the conversation and the answer."""
     used = estimate_tokens(SYSTEM_PROMPT + PASSAGES_OPEN + PASSAGES_CLOSE) + max_tokens + 16
     used += sum(estimate_tokens(str(m.get("content") or "")) + 4 for m in messages)
-    kept: list[dict[str, Any]] = []
+    kept: list[Passage] = []
     for hit in hits:
         cost = estimate_tokens(passage_block(len(kept) + 1, hit)) + 1
         if used + cost > context_tokens:
@@ -123,7 +127,7 @@ def one_line(text: str, max_chars: int = SOURCE_PART_MAX_CHARS) -> str:
     return escape_document_text(line)
 
 
-def _source(passage: dict[str, Any]) -> str:
+def _source(passage: Passage) -> str:
     """Title, then the section and page the passage comes from when known, on one line."""
     position = passage.get("position") or {}
     parts = [one_line(str(passage["title"]))]
@@ -136,15 +140,13 @@ def _source(passage: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def passage_block(index: int, passage: dict[str, Any]) -> str:
+def passage_block(index: int, passage: Passage) -> str:
     """One numbered passage in its own <passage> block."""
     text = escape_document_text(str(passage["text"]))
     return f"{PASSAGE_OPEN}\n[{index}] (source: {_source(passage)})\n{text}\n{PASSAGE_CLOSE}"
 
 
-def build_messages(
-    passages: list[dict[str, Any]], messages: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
+def build_messages(passages: list[Passage], messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if not passages:
         return [{"role": "system", "content": NO_CONTEXT_PROMPT}, *messages]
     blocks = [passage_block(i, p) for i, p in enumerate(passages, start=1)]
@@ -152,7 +154,8 @@ def build_messages(
     return [{"role": "system", "content": system}, *messages]
 
 
-def citations(passages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def citations(passages: list[Passage]) -> list[dict[str, Any]]:
+    """The passages' citations as JSON (the gateway builds protocol.Citation instead)."""
     return [
         {
             "index": i,
