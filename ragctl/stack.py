@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from ragctl.cognito import LocalPool
+from services.common.ports import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +39,6 @@ EMULATOR_ENV = {
     "MOTO_COGNITO_IDP_USER_POOL_ID_STRATEGY": "HASH",
     "MOTO_COGNITO_IDP_USER_POOL_CLIENT_ID_STRATEGY": "HASH",
 }
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _die_with_parent() -> None:

@@ -176,6 +176,27 @@ async def test_overload_answers_429_with_retry_after() -> None:
         assert (await client.post("/v1/embeddings", json={"input": "again"})).status_code == 200
 
 
+async def test_overload_retry_after_and_body_idle_timeout_follow_their_settings() -> None:
+    async with embedder(
+        max_queued_inputs=4, overloaded_retry_after_s=3, body_idle_timeout_s=0.5
+    ) as client:
+        bodies = [{"input": [f"{TEXTS[i % 6]} number {i}"] * 2} for i in range(40)]
+        responses = await asyncio.gather(
+            *(client.post("/v1/embeddings", json=body) for body in bodies)
+        )
+        shed = [r for r in responses if r.status_code == 429]
+        assert shed and {r.headers["retry-after"] for r in shed} == {"3"}
+
+        async def stalling_body() -> AsyncIterator[bytes]:
+            yield b'{"input": '
+            await asyncio.sleep(3)  # far past the 0.5 s the embedder waits for more
+            yield b'"late"}'
+
+        resp = await client.post("/v1/embeddings", content=stalling_body())
+        assert resp.status_code == 408 and resp.json()["error"]["code"] == "body_timeout"
+        assert "0.5 s" in resp.json()["error"]["message"]
+
+
 async def test_not_ready_until_the_model_is_loaded_and_warm() -> None:
     async with embedder(wait_ready=False) as client:
         ready = await client.get("/readyz")

@@ -283,6 +283,23 @@ async def test_requests_beyond_the_queue_bound_get_429() -> None:
         assert again.status_code == 200
 
 
+async def test_the_retry_after_of_a_429_follows_its_setting() -> None:
+    async with generator_app(
+        parallel=1, max_queued_requests=0, overloaded_retry_after_s=4
+    ) as client:
+        await _wait_ready(client)
+        body = {
+            "messages": [{"role": "user", "content": "Write a story."}],
+            "max_tokens": 10,
+            "ignore_eos": True,
+        }
+        responses = await asyncio.gather(
+            *(client.post("/v1/chat/completions", json=body) for _ in range(3))
+        )
+        assert sorted(r.status_code for r in responses) == [200, 429, 429]
+        assert {r.headers.get("retry-after") for r in responses if r.status_code == 429} == {"4"}
+
+
 def test_sigterm_lets_in_flight_streams_finish(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "GENERATOR_PORT": str(port), "GENERATOR_DRAIN_TIMEOUT_S": "20"}

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -99,10 +101,90 @@ def error_response(exc: APIError) -> JSONResponse:
     )
 
 
-# For `responses=` on routes, so OpenAPI shows the envelope.
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 429, 503)
-}
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """For a route's `responses=`: OpenAPI shows the envelope under each status it may answer."""
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+ERROR_RESPONSES = error_responses(400, 401, 404, 413, 415, 429, 503)
+
+
+REQUEST_PARTS = ("body", "query", "path", "header", "cookie")
+
+
+def validation_error(
+    exc: ValidationError | RequestValidationError,
+    *,
+    field_messages: Mapping[str, str] | None = None,
+) -> APIError:
+    """A 400 naming the field of the first error pydantic found; a field in field_messages
+    gets that message instead of pydantic's (for a field whose type pydantic words poorly)."""
+    errors = exc.errors()
+    first: Mapping[str, Any] = errors[0] if errors else {}
+    loc = list(first.get("loc", ()))
+    if isinstance(exc, RequestValidationError) and loc and loc[0] in REQUEST_PARTS:
+        loc = loc[1:]  # where it was sent, not which field (a body field may be "query")
+    field = str(loc[0]) if loc else None
+    if field_messages and field in field_messages:
+        return APIError(400, field_messages[field], code="invalid_value", param=field)
+    param = ".".join(str(part) for part in loc) or None
+    message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+    return APIError(400, message, code="invalid_value", param=param)
+
+
+MAX_UPSTREAM_MESSAGE_CHARS = 500  # an upstream's message is passed on, up to this long
+
+
+def upstream_error(
+    status: int,
+    body: bytes,
+    service: str,
+    *,
+    peer: Literal["service", "engine"] = "service",
+    code_prefix: str | None = None,
+    retry_after: str | None = None,
+) -> APIError:
+    """Our answer to an upstream's error answer: its message passed on (capped), never its
+    internals. A "service" peer is one of ours: it speaks this envelope (its code and param
+    are kept), its 503 names which of its own dependencies is down, and its 401/403 means
+    our service credentials were refused (our fault: 502). An "engine" peer is an inference
+    server: its codes are not ours (a 4xx is `{prefix}_rejected`) and any 5xx is a failure.
+    Codes start with code_prefix (default: service); retry_after is the Retry-After to send
+    with a 429 or 503 (the upstream's own, when it gave one)."""
+    prefix = code_prefix or service
+    message = f"the {service} rejected the request"
+    code: str | None = None
+    param: str | None = None
+    try:
+        detail = json.loads(body)["error"]
+    except (ValueError, KeyError, TypeError):
+        detail = None
+    if isinstance(detail, dict) and isinstance(detail.get("message"), str):
+        message = detail["message"][:MAX_UPSTREAM_MESSAGE_CHARS]
+        if peer == "service":
+            code = detail["code"] if isinstance(detail.get("code"), str) else None
+            param = detail["param"] if isinstance(detail.get("param"), str) else None
+    failed = APIError(502, f"the {service} failed", code=f"{prefix}_error")
+    if status == 503 and peer == "service":
+        # e.g. the retriever's own dependency (the embedder) is down: say which.
+        return APIError(
+            503,
+            message,
+            code=code or f"{prefix}_unavailable",
+            headers={"Retry-After": retry_after or "5"},
+        )
+    if status in (401, 403) and peer == "service":  # our credentials, not the caller's
+        logger.error("the %s refused our service credentials", service)
+        return failed
+    if status == 429:
+        return APIError(
+            429, message, code=code or "overloaded", headers={"Retry-After": retry_after or "1"}
+        )
+    if status >= 500:
+        return failed
+    if peer == "engine":
+        return APIError(status, message, code=f"{prefix}_rejected")
+    return APIError(status, message, code=code, param=param)
 
 
 def _internal_error() -> JSONResponse:
@@ -156,17 +238,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = list(first.get("loc", ()))
-        if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
-            loc = loc[1:]  # where it was sent, not which field (a body field may be "query")
-        param = ".".join(str(part) for part in loc) or None
-        message = first.get("msg", "invalid request")
-        if param:
-            message = f"{param}: {message}"
-        return JSONResponse(
-            error_body(400, message, code="invalid_value", param=param), status_code=400
-        )
+        return error_response(validation_error(exc))
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:

@@ -10,6 +10,8 @@ from services.common.settings import ServiceSettings
 
 
 def serve(app: FastAPI, settings: ServiceSettings) -> None:
+    """Serve until SIGTERM/SIGINT; then requests in flight get settings.drain_timeout_s to
+    finish before they are cut."""
     configure_logging(settings.log_level, settings.log_json)
     uvicorn.run(
         app,
@@ -18,5 +20,6 @@ def serve(app: FastAPI, settings: ServiceSettings) -> None:
         log_level=settings.log_level,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=10,
+        # uvicorn hands this to asyncio.timeout, which takes fractions of a second too.
+        timeout_graceful_shutdown=settings.drain_timeout_s,  # type: ignore[arg-type]
     )

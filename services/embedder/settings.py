@@ -27,6 +27,7 @@ class EmbedderSettings(ServiceSettings):
     max_body_bytes: int = 4 * 1024 * 1024
     truncate: bool = True  # inputs over the model's window: truncate, or answer 400
     max_tokenize_inputs: int = 4096  # texts in one /tokenize request
+    body_idle_timeout_s: float = Field(30.0, gt=0)  # longest wait for more of a body: then 408
 
     # Dynamic batching across requests.
     max_batch_size: int = 64  # inputs in one forward pass
@@ -34,3 +35,4 @@ class EmbedderSettings(ServiceSettings):
     max_batch_tokens: int | None = None
     batch_wait_ms: float = 0.0  # wait this long after an idle spell for a burst to arrive
     max_queued_inputs: int = 2048  # beyond this, 429 with Retry-After
+    overloaded_retry_after_s: int = Field(1, ge=1)  # that Retry-After, in seconds

