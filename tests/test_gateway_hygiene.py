@@ -20,7 +20,7 @@ import uvicorn
 
 from ragctl.stack import Stack, free_port
 from services.gateway.app import create_app
-from services.gateway.settings import GatewaySettings
+from tests.conftest import stack_gateway_settings
 
 BODY_IDLE_TIMEOUT_S = 3.0  # small, so a stalled body is answered quickly
 RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a TCP reset
@@ -134,16 +134,7 @@ class Gateway:
 @asynccontextmanager
 async def served_gateway(stack: Stack, **overrides: Any) -> AsyncIterator[Gateway]:
     """The gateway on a real loopback HTTP server, trusting the stack's Cognito pool."""
-    assert stack.pool is not None
-    given: dict[str, Any] = {
-        "cognito_issuer": stack.pool.issuer,
-        "cognito_jwks_url": stack.pool.jwks_url,
-        "cognito_client_id": stack.pool.client_id,
-        "retriever_url": stack.url("retriever"),
-        "generator_url": stack.url("generator"),
-        "service_token": stack.service_token,
-    }
-    settings = GatewaySettings(**{**given, **overrides})
+    settings = stack_gateway_settings(stack, **overrides)
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(

@@ -101,9 +101,16 @@ def error_response(exc: APIError) -> JSONResponse:
     )
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """For a route's `responses=`: OpenAPI shows the envelope under each status it may answer."""
-    return {status: {"model": ErrorResponse} for status in statuses}
+def error_responses(
+    *statuses: int, descriptions: Mapping[int, str] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """For a route's `responses=`: OpenAPI shows the envelope under each status it may answer,
+    with that status's description when one is given."""
+    return {
+        status: {"model": ErrorResponse}
+        | ({"description": descriptions[status]} if descriptions else {})
+        for status in sorted(set(statuses))
+    }
 
 
 ERROR_RESPONSES = error_responses(400, 401, 404, 413, 415, 429, 503)

@@ -16,7 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from services.common.errors import APIError, error_body
+from services.common.errors import APIError, error_body, upstream_error
 from services.common.protocol import (
     SEARCH_QUERY_MAX_CHARS,
     ChatRequest,
@@ -37,7 +37,7 @@ from services.gateway import rag
 from services.gateway.auth import Principal
 from services.gateway.limits import ChatAdmission, RateLimiter
 from services.gateway.settings import GatewaySettings
-from services.gateway.upstream import RetrieverClient, passthrough_error, unavailable
+from services.gateway.upstream import RetrieverClient, unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ async def _complete(
     finally:
         await resp.aclose()
     if resp.status_code != 200:
-        raise passthrough_error(resp.status_code, raw, "generator")
+        raise upstream_error(resp.status_code, raw, "generator")
     completion = json.loads(raw)
     completion.pop("timings", None)
     completion["citations"] = citations_json(cites)
@@ -183,7 +183,7 @@ async def _generator_error(resp: EngineResponse) -> APIError:
         raw = await resp.aread()
     except EngineUnavailable:
         return unavailable("generator")
-    return passthrough_error(resp.status_code, raw, "generator")
+    return upstream_error(resp.status_code, raw, "generator")
 
 
 def search_query(text: str, limit: int = SEARCH_QUERY_MAX_CHARS) -> str:

@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
-from services.common.errors import APIError, ErrorResponse
+from services.common.errors import APIError, upstream_error
+from services.common.errors import error_responses as common_error_responses
 from services.common.http import read_capped_body
 from services.common.protocol import (
     ChatCompletion,
@@ -28,7 +29,7 @@ from services.common.protocol import (
 )
 from services.gateway.chat import chat_completion
 from services.gateway.deps import GeneratorHTTP, Retriever, Settings, User
-from services.gateway.upstream import passthrough_error, relay, unavailable
+from services.gateway.upstream import relay, unavailable
 
 UPLOAD_MEDIA_TYPES = ("multipart/form-data", "application/json")
 UPLOAD_FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries and the title/metadata fields
@@ -49,11 +50,9 @@ AUTH_ERRORS = (401, 403, 429, 503)
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """`responses=` entries: the error envelope for each status."""
-    return {
-        status: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[status]}
-        for status in sorted({*statuses, *AUTH_ERRORS})
-    }
+    """`responses=` entries: the envelope for each status, those of every authenticated
+    route included."""
+    return common_error_responses(*statuses, *AUTH_ERRORS, descriptions=ERROR_DESCRIPTIONS)
 
 
 def schema_ref(model: type[BaseModel]) -> dict[str, str]:
@@ -268,7 +267,7 @@ async def list_models(user: User, generator: GeneratorHTTP) -> Response:
     try:
         models = ModelList.model_validate_json(resp.content)
     except ValidationError as exc:
-        raise passthrough_error(500, resp.content, "generator") from exc
+        raise upstream_error(500, resp.content, "generator") from exc
     return JSONResponse(models.model_dump(mode="json", exclude_unset=True))
 
 

@@ -22,10 +22,6 @@ def unavailable(service: str) -> APIError:
     )
 
 
-# An upstream service's error, passed on in our envelope (gateway/chat.py uses this name).
-passthrough_error = upstream_error
-
-
 # Calls that may be sent again: reads, deletes, searches (read-only), and uploads, which the
 # retriever keys on (user, content hash): a replay of an upload that did land answers 200 with
 # the same document ("duplicate": true) instead of storing or ingesting it twice.

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from services.common.errors import ERROR_RESPONSES, APIError
+from services.common.errors import ERROR_RESPONSES, APIError, validation_error
 from services.common.http import read_capped_body
 from services.common.protocol import (
     Document,
@@ -148,11 +148,7 @@ def _document_in(body: bytes) -> DocumentIn:
     try:
         doc_in = DocumentIn.model_validate(value)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
-        raise APIError(
-            400, f"{param or 'body'}: {first['msg']}", code="invalid_value", param=param
-        ) from exc
+        raise validation_error(exc) from exc
     check_storable(doc_in.text, "text")
     return doc_in
 
