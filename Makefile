@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: install up test lint format bench clean
+.PHONY: install up test test-inprocess lint format bench clean
 
 install: $(STAMP)
 
@@ -26,12 +26,17 @@ $(STAMP): pyproject.toml Makefile
 up: $(STAMP)
 	$(VENV)/bin/ragctl up
 
+# Both layers; the summary says how long each took. test-inprocess: the first layer alone.
 test: $(STAMP)
 	$(PY) -m pytest
+
+test-inprocess: $(STAMP)
+	$(PY) -m pytest -m inprocess
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check services ragctl tests benchmarks
 	$(VENV)/bin/ruff format --check services ragctl tests benchmarks
+	$(VENV)/bin/mypy
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format services ragctl tests benchmarks

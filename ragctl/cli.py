@@ -32,7 +32,8 @@ def _state(home: Path) -> dict[str, Any]:
             f"no running stack found ({path} is missing): start one with `make up` "
             "(or `ragctl up`), or set RAGCTL_HOME to its folder"
         )
-    return json.loads(path.read_text())
+    state: dict[str, Any] = json.loads(path.read_text())
+    return state
 
 
 def _token(state: dict[str, Any]) -> str:
@@ -74,7 +75,9 @@ def wait_ready(client: httpx.Client, doc_id: str, timeout_s: float = 120.0) -> d
         time.sleep(0.3)
 
 
-def ingest_paths(client: httpx.Client, paths: list[Path], wait: bool = True) -> list[dict]:
+def ingest_paths(
+    client: httpx.Client, paths: list[Path], wait: bool = True
+) -> list[dict[str, Any]]:
     docs = []
     for path in paths:
         if not path.is_file():

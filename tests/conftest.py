@@ -1,4 +1,14 @@
-"""Fixtures: one real local stack per test session (emulator, PostgreSQL, four services)."""
+"""Fixtures: one real local stack per test session (emulator, PostgreSQL, four services),
+and the two layers of the suite.
+
+A stack test needs real services in processes of their own: it uses the `stack` fixture
+(directly or through another fixture), or is marked `stack` because it starts servers
+itself (ragctl, Ray, a SIGTERM'd server). Every other test is in-process: an app on the
+ASGI transport or a loopback server in the test's own process, or plain function calls,
+with real models and real parse workers. Each test is marked with its layer, so
+`pytest -m inprocess` runs the first layer alone (no stack is started) and
+`pytest -m stack` the second; the summary says how long each layer took.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +22,46 @@ import pytest
 
 from ragctl.stack import Ports, Stack
 from services.gateway.settings import GatewaySettings
+
+LAYERS = ("inprocess", "stack")
+_layer_of: dict[str, str] = {}
+_layer_seconds: dict[str, float] = dict.fromkeys(LAYERS, 0.0)
+_layer_tests: dict[str, int] = dict.fromkeys(LAYERS, 0)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "inprocess: needs no service in another process")
+    config.addinivalue_line(
+        "markers", "stack: needs real services in processes of their own (the session's stack)"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        needs_stack = "stack" in getattr(item, "fixturenames", ())
+        layer = "stack" if needs_stack or item.get_closest_marker("stack") else "inprocess"
+        if not item.get_closest_marker(layer):
+            item.add_marker(layer)
+        _layer_of[item.nodeid] = layer
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    layer = _layer_of.get(report.nodeid)
+    if layer is None:
+        return
+    _layer_seconds[layer] += report.duration  # setup (the stack's start too), call, teardown
+    if report.when == "call":
+        _layer_tests[layer] += 1
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not any(_layer_tests.values()):
+        return
+    terminalreporter.section("layers")
+    for layer in LAYERS:
+        terminalreporter.write_line(
+            f"{layer:>9}: {_layer_tests[layer]} tests, {_layer_seconds[layer]:.1f} s"
+        )
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,10 @@
 """Gateway token checks with keys the tests make, key rotation, the JWKS penalty box,
-required groups and scopes, and per-user limits. The retriever and generator are real."""
+required groups and scopes, and per-user limits.
+
+Two layers. Token checks and limits run in-process with no service behind the gateway:
+a request that passes them reaches the (absent) retriever and gets its 503, one that
+fails them gets 401, 403 or 429 without reaching it. Streams run against the stack's real
+generator."""
 
 from __future__ import annotations
 
@@ -117,24 +122,40 @@ def claims(**overrides: Any) -> dict[str, Any]:
     return {k: v for k, v in base.items() if v is not None}
 
 
-def gateway_settings(stack: Stack, idp: JwksServer, **overrides: Any) -> GatewaySettings:
-    """A gateway trusting the test identity provider, in front of the stack's services."""
+def gateway_settings(services: Stack | None, idp: JwksServer, **overrides: Any) -> GatewaySettings:
+    """A gateway trusting the test identity provider, in front of the stack's services, or
+    of none (a port that refuses connections) when services is None."""
+    if services is None:
+        absent = f"http://127.0.0.1:{free_port()}"
+        upstream = {"retriever_url": absent, "generator_url": absent, "service_token": "t" * 32}
+    else:
+        upstream = {
+            "retriever_url": services.url("retriever"),
+            "generator_url": services.url("generator"),
+            "service_token": services.service_token,
+        }
     return GatewaySettings(
         cognito_issuer=ISSUER,
         cognito_jwks_url=idp.url,
         cognito_client_id=CLIENT,
-        retriever_url=stack.url("retriever"),
-        generator_url=stack.url("generator"),
-        service_token=stack.service_token,
+        **upstream,
         **overrides,
     )
 
 
+PASSED = 503
+"""What a request that passes the checks gets from a gateway with no retriever behind it."""
+
+
+def assert_passed(resp: httpx.Response) -> None:
+    assert resp.status_code == PASSED, resp.text
+    assert resp.json()["error"]["code"] == "retriever_unavailable"
+
+
 @asynccontextmanager
-async def gateway(
-    stack: Stack, idp: JwksServer, **overrides: Any
-) -> AsyncIterator[httpx.AsyncClient]:
-    settings = gateway_settings(stack, idp, **overrides)
+async def gateway(idp: JwksServer, **overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """The gateway app in-process (ASGI transport, with its lifespan), no services behind it."""
+    settings = gateway_settings(None, idp, **overrides)
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(
@@ -184,9 +205,7 @@ def hs256_with(secret: str, kid: str) -> str:
     return f"{signing_input}.{b64(mac)}"
 
 
-async def test_a_valid_token_passes_and_every_bad_one_gets_401(
-    stack: Stack, idp: JwksServer, key: Key
-) -> None:
+async def test_a_valid_token_passes_and_every_bad_one_gets_401(idp: JwksServer, key: Key) -> None:
     other = Key("key-unknown")
     good = key.sign(claims())
     header, payload, signature = good.split(".")
@@ -207,9 +226,8 @@ async def test_a_valid_token_passes_and_every_bad_one_gets_401(
         "missing sub": key.sign(claims(sub=None)),
         "garbage": "a.b.c",
     }
-    async with gateway(stack, idp) as client:
-        ok = await client.get("/v1/documents", headers=bearer(good))
-        assert ok.status_code == 200, ok.text
+    async with gateway(idp) as client:
+        assert_passed(await client.get("/v1/documents", headers=bearer(good)))
         for name, token in bad_tokens.items():
             resp = await client.get("/v1/documents", headers=bearer(token))
             assert resp.status_code == 401, (name, resp.text)
@@ -217,25 +235,18 @@ async def test_a_valid_token_passes_and_every_bad_one_gets_401(
             assert resp.json()["error"]["code"] == "invalid_token", name
 
 
-async def test_key_rotation_needs_no_restart(stack: Stack, idp: JwksServer, key: Key) -> None:
-    async with gateway(stack, idp, jwks_refresh_penalty_s=0.2) as client:
-        assert (
-            await client.get("/v1/documents", headers=bearer(key.sign(claims())))
-        ).status_code == 200
+async def test_key_rotation_needs_no_restart(idp: JwksServer, key: Key) -> None:
+    async with gateway(idp, jwks_refresh_penalty_s=0.2) as client:
+        assert_passed(await client.get("/v1/documents", headers=bearer(key.sign(claims()))))
         new_key = Key("key-2")
         idp.keys = [new_key]  # the pool rotates its signing key
         await asyncio.sleep(0.3)
-        resp = await client.get("/v1/documents", headers=bearer(new_key.sign(claims())))
-        assert resp.status_code == 200, resp.text
+        assert_passed(await client.get("/v1/documents", headers=bearer(new_key.sign(claims()))))
 
 
-async def test_unknown_kids_do_not_flood_the_identity_provider(
-    stack: Stack, idp: JwksServer, key: Key
-) -> None:
-    async with gateway(stack, idp, jwks_refresh_penalty_s=60) as client:
-        assert (
-            await client.get("/v1/documents", headers=bearer(key.sign(claims())))
-        ).status_code == 200
+async def test_unknown_kids_do_not_flood_the_identity_provider(idp: JwksServer, key: Key) -> None:
+    async with gateway(idp, jwks_refresh_penalty_s=60) as client:
+        assert_passed(await client.get("/v1/documents", headers=bearer(key.sign(claims()))))
         fetched = idp.fetches
         for i in range(25):
             token = Key.__new__(Key)  # reuse the key material under many made-up kids
@@ -245,39 +256,39 @@ async def test_unknown_kids_do_not_flood_the_identity_provider(
         assert idp.fetches - fetched <= 1
 
 
-async def test_required_groups_and_scopes_answer_403(
-    stack: Stack, idp: JwksServer, key: Key
-) -> None:
-    async with gateway(stack, idp, required_scopes=["rag/admin"]) as client:
+async def test_required_groups_and_scopes_answer_403(idp: JwksServer, key: Key) -> None:
+    async with gateway(idp, required_scopes=["rag/admin"]) as client:
         resp = await client.get("/v1/documents", headers=bearer(key.sign(claims())))
         assert resp.status_code == 403 and resp.json()["error"]["code"] == "insufficient_scope"
         resp = await client.get(
             "/v1/documents", headers=bearer(key.sign(claims(scope="rag/read rag/admin")))
         )
-        assert resp.status_code == 200
-    async with gateway(stack, idp, required_groups=["staff"]) as client:
+        assert_passed(resp)
+    async with gateway(idp, required_groups=["staff"]) as client:
         resp = await client.get("/v1/documents", headers=bearer(key.sign(claims())))
         assert resp.status_code == 403 and resp.json()["error"]["type"] == "permission_error"
         resp = await client.get(
             "/v1/documents", headers=bearer(key.sign(claims(**{"cognito:groups": ["staff"]})))
         )
-        assert resp.status_code == 200
+        assert_passed(resp)
 
 
-async def test_rate_limit_stream_cap_and_body_cap(stack: Stack, idp: JwksServer, key: Key) -> None:
-    async with gateway(stack, idp, rate_limit_burst=3, rate_limit_per_minute=6) as client:
+async def test_each_user_has_a_rate_limit_of_their_own(idp: JwksServer, key: Key) -> None:
+    async with gateway(idp, rate_limit_burst=3, rate_limit_per_minute=6) as client:
         token = key.sign(claims())
         statuses = [
             (await client.get("/v1/documents", headers=bearer(token))).status_code for _ in range(4)
         ]
-        assert statuses == [200, 200, 200, 429]
+        assert statuses == [PASSED, PASSED, PASSED, 429]
         limited = await client.get("/v1/documents", headers=bearer(token))
         assert int(limited.headers["retry-after"]) >= 1
         assert limited.json()["error"]["type"] == "rate_limit_error"
         # another user has a bucket of their own
         other = key.sign(claims())
-        assert (await client.get("/v1/documents", headers=bearer(other))).status_code == 200
+        assert_passed(await client.get("/v1/documents", headers=bearer(other)))
 
+
+async def test_stream_cap_and_body_cap(stack: Stack, idp: JwksServer, key: Key) -> None:
     # Streams need a real server: the ASGI test transport buffers whole responses.
     async with served(stack, idp, max_concurrent_streams=1, max_body_bytes=2000) as client:
         token = key.sign(claims())
@@ -310,8 +321,8 @@ async def test_rate_limit_stream_cap_and_body_cap(stack: Stack, idp: JwksServer,
         assert resp.status_code == 413
 
 
-async def test_max_tokens_over_the_cap_is_400(stack: Stack, idp: JwksServer, key: Key) -> None:
-    async with gateway(stack, idp, max_tokens_cap=64) as client:
+async def test_max_tokens_over_the_cap_is_400(idp: JwksServer, key: Key) -> None:
+    async with gateway(idp, max_tokens_cap=64) as client:
         resp = await client.post(
             "/v1/chat/completions",
             headers=bearer(key.sign(claims())),
@@ -339,10 +350,10 @@ async def test_quiet_streams_get_keep_alive_comments(
     assert any(line.startswith("data: {") and '"content"' in line for line in lines)
 
 
-async def test_identity_provider_down_is_503_not_401(stack: Stack, key: Key) -> None:
+async def test_identity_provider_down_is_503_not_401(key: Key) -> None:
     down = JwksServer([key])
     down.close()  # its port now refuses connections
-    async with gateway(stack, down) as client:
+    async with gateway(down) as client:
         for _ in range(3):  # the first fetch fails, then the penalty window: still 503
             resp = await client.get("/v1/documents", headers=bearer(key.sign(claims())))
             assert resp.status_code == 503, resp.text

@@ -300,6 +300,7 @@ async def test_the_retry_after_of_a_429_follows_its_setting() -> None:
         assert {r.headers.get("retry-after") for r in responses if r.status_code == 429} == {"4"}
 
 
+@pytest.mark.stack  # starts servers of its own
 def test_sigterm_lets_in_flight_streams_finish(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "GENERATOR_PORT": str(port), "GENERATOR_DRAIN_TIMEOUT_S": "20"}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
 from ragctl.cli import sample_paths
 from ragctl.stack import Backoff
@@ -86,6 +87,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.stack  # starts servers of its own
 def test_up_ingest_ask_survive_crashes_then_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
     home = tmp_path / "home"
     proc = subprocess.Popen(

@@ -60,6 +60,7 @@ def serve_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         log.close()
 
 
+@pytest.mark.stack  # starts Ray and Serve
 def test_embedder_serves_through_ray_serve(serve_url: str) -> None:
     sdk = OpenAI(base_url=f"{serve_url}/v1", api_key="unused")
     texts = ["Ray Serve spreads requests over replicas.", "Each replica has its own batcher."]

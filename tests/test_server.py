@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import pytest
 
 from ragctl.stack import wait_ready
 from services.common.ports import free_port
@@ -80,6 +81,7 @@ def read_stream(url: str, record: StreamRecord) -> None:
     record.ended_at = time.monotonic()
 
 
+@pytest.mark.stack  # starts servers of its own
 def test_sigterm_lets_streams_finish_within_drain_timeout_s_and_cuts_longer_ones(
     tmp_path: Path,
 ) -> None:

@@ -132,7 +132,7 @@ def validation_error(
     if isinstance(exc, RequestValidationError) and loc and loc[0] in REQUEST_PARTS:
         loc = loc[1:]  # where it was sent, not which field (a body field may be "query")
     field = str(loc[0]) if loc else None
-    if field_messages and field in field_messages:
+    if field_messages and field is not None and field in field_messages:
         return APIError(400, field_messages[field], code="invalid_value", param=field)
     param = ".".join(str(part) for part in loc) or None
     message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"

@@ -1,4 +1,5 @@
-"""The wire contract: every shape that crosses the gateway <-> retriever boundary or the public API.
+"""The wire contract: every shape that crosses a service boundary (gateway <-> retriever,
+retriever <-> embedder) or the public API.
 
 Field names, limits and defaults are what clients send and receive; change them here only.
 """
@@ -9,7 +10,14 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StrictStr,
+    model_serializer,
+)
 
 SEARCH_QUERY_MAX_CHARS = 4000
 SEARCH_K_MAX = 100
@@ -19,6 +27,8 @@ TITLE_MAX_CHARS = 500
 RetrievalMode = Literal["hybrid", "vector", "text"]
 DocumentStatus = Literal["pending", "processing", "ready", "failed"]
 DocumentMediaType = Literal["text/plain", "text/markdown", "text/html"]
+# Models trained with query/passage prompts (e5, bge...) get the right one.
+EmbeddingInputType = Literal["query", "passage"]
 
 
 # Documents
@@ -260,3 +270,62 @@ class ModelList(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# Embeddings (the retriever calls the embedder: OpenAI's embeddings API plus /tokenize)
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    input: StrictStr | list[StrictStr]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    # Extension: the prompt for a query or a passage (EmbeddingInputType).
+    input_type: EmbeddingInputType | None = None
+
+
+class EmbeddingItem(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingItem]
+    model: str
+    usage: EmbeddingUsage
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    input: StrictStr | list[StrictStr]  # "" is allowed: it counts the fixed overhead
+    input_type: EmbeddingInputType | None = None
+
+
+class TokenCount(BaseModel):
+    index: int
+    tokens: int
+
+
+class TokenizeResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    max_tokens: int  # the model's window: /v1/embeddings truncates (or refuses) longer inputs
+    data: list[TokenCount]
+
+
+class ModelInfo(BaseModel):
+    """What the retriever needs: dimension and the longest input the model reads."""
+
+    model: str
+    dimension: int
+    max_seq_length: int
+    device: str

@@ -8,10 +8,10 @@ from fastapi import Depends, Request
 
 from services.common.errors import APIError
 from services.common.http import read_capped_body
+from services.common.protocol import EmbeddingRequest, TokenizeRequest
 from services.embedder.batching import Batcher
 from services.embedder.counting import TokenCounter
 from services.embedder.model import LoadedModel
-from services.embedder.protocol import EmbeddingRequest, TokenizeRequest
 from services.embedder.serving import parse_request, parse_tokenize_request
 from services.embedder.settings import EmbedderSettings
 

@@ -114,11 +114,14 @@ def load_model(model: str, device: str, served_name: str | None) -> LoadedModel:
         getattr(encoder, "get_embedding_dimension", None)
         or encoder.get_sentence_embedding_dimension
     )
+    dimension, max_seq_length = get_dim(), encoder.max_seq_length
+    if dimension is None or max_seq_length is None:
+        raise ValueError(f"{model} does not declare its dimension and input length")
     loaded = LoadedModel(
         encoder=encoder,
         name=served_name or Path(model).name or model,
-        dimension=int(get_dim()),
-        max_seq_length=int(encoder.max_seq_length),
+        dimension=int(dimension),
+        max_seq_length=int(max_seq_length),
         device=chosen,
         prompts={k: v for k, v in (getattr(encoder, "prompts", None) or {}).items() if v},
         # Copied here, on the model thread, before any other thread can use the original.

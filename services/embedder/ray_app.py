@@ -30,4 +30,4 @@ class EmbedderDeployment:
             raise RuntimeError(app.state.load_error)
 
 
-app = EmbedderDeployment.bind()
+app = EmbedderDeployment.bind()  # type: ignore[attr-defined]  # added by @serve.deployment

@@ -10,6 +10,13 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from services.common.errors import error_responses
+from services.common.protocol import (
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ModelInfo,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from services.embedder.deps import (
     BatcherDep,
     EmbeddingBody,
@@ -18,15 +25,7 @@ from services.embedder.deps import (
     TokenCounterDep,
     TokenizeBody,
 )
-from services.embedder.protocol import (
-    EmbeddingRequest,
-    EmbeddingResponse,
-    ModelCard,
-    ModelInfo,
-    ModelList,
-    TokenizeRequest,
-    TokenizeResponse,
-)
+from services.embedder.protocol import ModelCard, ModelList
 from services.embedder.serving import count_tokens, embed, tokenizer_document
 
 router = APIRouter()

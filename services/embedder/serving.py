@@ -11,18 +11,18 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from services.common.errors import APIError, validation_error
-from services.embedder.batching import Batcher, InputTooLong, QueueFull
-from services.embedder.counting import TokenCounter
-from services.embedder.model import LoadedModel
-from services.embedder.protocol import (
+from services.common.protocol import (
     EmbeddingItem,
     EmbeddingRequest,
     EmbeddingResponse,
+    EmbeddingUsage,
     TokenCount,
     TokenizeRequest,
     TokenizeResponse,
-    Usage,
 )
+from services.embedder.batching import Batcher, InputTooLong, QueueFull
+from services.embedder.counting import TokenCounter
+from services.embedder.model import LoadedModel
 from services.embedder.settings import EmbedderSettings
 
 RequestBody = TypeVar("RequestBody", bound=BaseModel)
@@ -131,7 +131,7 @@ async def embed(
             for i, vec in enumerate(vectors)
         ],
         model=model.name,
-        usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
+        usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
     )
 
 

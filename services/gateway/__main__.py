@@ -3,5 +3,5 @@ from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
 
 if __name__ == "__main__":
-    settings = GatewaySettings()  # type: ignore[call-arg]  # Cognito settings come from env
+    settings = GatewaySettings()  # Cognito settings come from the environment
     serve(create_app(settings), settings)

@@ -88,8 +88,9 @@ def fallback_query(messages: list[dict[str, Any]], question: str) -> str:
 
 def last_user_question(messages: list[dict[str, Any]]) -> str | None:
     for message in reversed(messages):
-        if message.get("role") == "user" and isinstance(message.get("content"), str):
-            return message["content"]
+        content = message.get("content")
+        if message.get("role") == "user" and isinstance(content, str):
+            return content
     return None
 
 

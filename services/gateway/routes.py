@@ -135,7 +135,7 @@ async def create_chat_completion(request: Request, user: User, settings: Setting
     try:
         body = ChatRequest.model_validate_json(raw)
     except ValueError as exc:
-        errors = getattr(exc, "errors", lambda: [])()
+        errors: list[Any] = getattr(exc, "errors", lambda: [])()
         where = ".".join(str(p) for p in errors[0]["loc"]) if errors else None
         where = where or None  # an error of the whole body (e.g. invalid Unicode) has no field
         raise APIError(

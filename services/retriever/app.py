@@ -70,8 +70,8 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
             await asyncio.to_thread(
                 schema.migrate,
                 admin_url,
-                info["model"],
-                int(info["dimension"]),
+                info.model,
+                info.dimension,
                 settings.app_role,
                 settings.hnsw_m,
                 settings.hnsw_ef_construction,
@@ -107,7 +107,7 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
             await pool.open(wait=True, timeout=30)
             iterative_scan = await check_app_role(pool)
             store = Store(pool, settings.hnsw_ef_search, iterative_scan)
-            ingestor = Ingestor(store, embedder, settings, int(info["max_seq_length"]))
+            ingestor = Ingestor(store, embedder, settings, info.max_seq_length)
             await ingestor.start()
             app.state.store, app.state.ingestor, app.state.embedder = store, ingestor, embedder
             try:

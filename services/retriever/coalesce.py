@@ -71,9 +71,9 @@ class Coalescer(Generic[Item, Result]):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _take(self) -> list[Entry]:
+    def _take(self) -> list[Entry[Item, Result]]:
         """Up to max_items waiting items, one from each waiting caller in turn."""
-        batch: list[Entry] = []
+        batch: list[Entry[Item, Result]] = []
         while self._waiting and len(batch) < self.max_items:
             for caller in list(self._waiting):
                 queue = self._waiting[caller]
@@ -104,7 +104,7 @@ class Coalescer(Generic[Item, Result]):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, batch: list[Entry]) -> None:
+    async def _run(self, batch: list[Entry[Item, Result]]) -> None:
         try:
             await self._call(batch)
         finally:
@@ -115,7 +115,7 @@ class Coalescer(Generic[Item, Result]):
             self._in_flight -= 1
             self._dispatch()
 
-    async def _call(self, batch: list[Entry]) -> None:
+    async def _call(self, batch: list[Entry[Item, Result]]) -> None:
         try:
             results = await self.fn([item for item, _, _ in batch])
             if len(results) != len(batch):

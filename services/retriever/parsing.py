@@ -126,9 +126,10 @@ def _decode(raw: bytes, media_type: str) -> str:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        text = _decode_declared(raw) if media_type == "text/html" else None
-        if text is None:
+        declared = _decode_declared(raw) if media_type == "text/html" else None
+        if declared is None:
             raise ParseError("the document is not valid UTF-8 text") from None
+        text = declared
     if "\x00" in text:
         raise ParseError("the document contains NUL bytes; is it binary?")
     if not text.strip():

@@ -150,7 +150,7 @@ def migrate(
                 if version_no <= current:
                     continue
                 with conn.transaction():
-                    conn.execute(text.replace("{dim}", str(int(dimension))))  # type: ignore[call-overload]
+                    conn.execute(text.replace("{dim}", str(int(dimension))))
                     conn.execute(
                         "INSERT INTO schema_migrations (version) VALUES (%s)", (version_no,)
                     )
