@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: install up test test-inprocess lint format bench clean
+.PHONY: install up test test-inprocess test-compose lint format bench clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ test: $(STAMP)
 
 test-inprocess: $(STAMP)
 	$(PY) -m pytest -m inprocess
+
+# Builds every CPU image and runs the stack with docker compose (a Docker engine is installed
+# and started for the run when none runs); prints build times, sizes and time to ready.
+test-compose: $(STAMP)
+	$(PY) -m pytest -m compose -s tests/compose
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check services ragctl tests benchmarks

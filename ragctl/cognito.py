@@ -7,6 +7,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 REGION = "us-east-1"
+DEV_USER = "dev@example.com"
+# Pool and app-client ids derived from their names, so that a restarted emulator gives the
+# same ones (moto keeps pools in memory only).
+EMULATOR_ENV = {
+    "MOTO_COGNITO_IDP_USER_POOL_ID_STRATEGY": "HASH",
+    "MOTO_COGNITO_IDP_USER_POOL_CLIENT_ID_STRATEGY": "HASH",
+}
 
 
 def _client(endpoint: str) -> Any:
@@ -76,3 +83,13 @@ class LocalPool:
 
     def access_token(self, username: str, password: str) -> str:
         return self.tokens(username, password)["AccessToken"]
+
+
+def create_dev_user(pool: LocalPool, username: str, password: str | None, *, seed: int) -> str:
+    """Create a user with the same `sub` (its tenant id) for the same seed; its password."""
+    import httpx
+
+    # The emulator draws the sub from its random generator: seeded alike, it draws alike.
+    resp = httpx.post(f"{pool.endpoint}/moto-api/seed", params={"a": seed})
+    resp.raise_for_status()
+    return pool.create_user(username, password)

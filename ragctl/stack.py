@@ -21,24 +21,17 @@ from typing import Any
 
 import httpx
 
-from ragctl.cognito import LocalPool
+from ragctl.cognito import DEV_USER, EMULATOR_ENV, LocalPool, create_dev_user
 from services.common.ports import free_port
 
 logger = logging.getLogger(__name__)
 
-DEV_USER = "dev@example.com"
 SERVICES = ("embedder", "generator", "retriever", "gateway")
 POSTGRES = "postgres"  # the embedded database, supervised like a service
 RESTART_FIRST_S = 1.0  # wait before the first restart of a part that died
 RESTART_MAX_S = 30.0  # the wait doubles on each further death, up to this
 STABLE_AFTER_S = 60.0  # up this long, a part that dies is restarted after RESTART_FIRST_S
 EMULATOR_START_S = 30.0  # how long a restarted Cognito emulator may take to open its port
-# Pool and app-client ids derived from their names, so that a restarted emulator gives the
-# same ones (moto keeps pools in memory only).
-EMULATOR_ENV = {
-    "MOTO_COGNITO_IDP_USER_POOL_ID_STRATEGY": "HASH",
-    "MOTO_COGNITO_IDP_USER_POOL_CLIENT_ID_STRATEGY": "HASH",
-}
 
 
 def _die_with_parent() -> None:
@@ -378,10 +371,7 @@ class Stack:
 
     def _create_dev_user(self, pool: LocalPool) -> str:
         """Create the dev user with the same `sub` (its tenant id) each time; its password."""
-        # The emulator draws the sub from its random generator: seeded alike, it draws alike.
-        resp = httpx.post(f"{pool.endpoint}/moto-api/seed", params={"a": self.user_seed})
-        resp.raise_for_status()
-        return pool.create_user(DEV_USER, self.password)
+        return create_dev_user(pool, DEV_USER, self.password, seed=self.user_seed)
 
     def _recreate_pool(self, announce: Callable[[str], None]) -> None:
         """The emulator keeps its pool in memory: make the pool and the dev user again. Ids

