@@ -7,7 +7,9 @@ ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 FROM ${PYTHON_IMAGE} AS deps
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install "moto[server,cognitoidp]>=5.2" "boto3>=1.34" "httpx>=0.27"
+    && /opt/venv/bin/pip install "moto[server,cognitoidp]>=5.2" "boto3>=1.34" "httpx>=0.27" \
+    && /opt/venv/bin/python -m pip uninstall -y pip setuptools \
+    && find /opt/venv -depth -type d -name tests -path '*/site-packages/*' -exec rm -rf {} +
 
 FROM ${PYTHON_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 \

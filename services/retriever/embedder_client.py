@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import sys
 import time
+from array import array
 from typing import Any
 
 import httpx
-import numpy as np
+from pgvector import Vector
 
 from services.common.http import make_client
 from services.common.protocol import (
@@ -100,19 +102,27 @@ class EmbedderClient:
             start = end
         return counts
 
-    async def embed_rows(self, texts: list[str]) -> list[np.ndarray]:
-        """Passage vectors, one array per text."""
-        return list(await self.embed(texts))
+    async def embed_rows(self, texts: list[str]) -> list[Vector]:
+        """Passage vectors, one per text."""
+        return await self.embed(texts)
 
     async def embed(
         self, texts: list[str], input_type: EmbeddingInputType = "passage"
-    ) -> np.ndarray:
+    ) -> list[Vector]:
         """Vectors for passages (ingestion) or a query (search)."""
         body = EmbeddingRequest(input=texts, encoding_format="base64", input_type=input_type)
         answer = EmbeddingResponse.model_validate_json(await self._post("/v1/embeddings", body))
         items = sorted(answer.data, key=lambda item: item.index)
         if any(not isinstance(item.embedding, str) for item in items):
             raise EmbedderUnavailable("the embedder answered floats to a base64 request")
-        return np.stack(
-            [np.frombuffer(base64.b64decode(str(item.embedding)), dtype="<f4") for item in items]
-        )
+        return [vector_from_base64(str(item.embedding)) for item in items]
+
+
+def vector_from_base64(encoded: str) -> Vector:
+    """An OpenAI base64 embedding (little-endian float32) as a pgvector Vector; no numpy, so the
+    retriever's image carries none."""
+    values = array("f")
+    values.frombytes(base64.b64decode(encoded))
+    if sys.byteorder == "big":
+        values.byteswap()
+    return Vector(values.tolist())

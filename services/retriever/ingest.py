@@ -13,7 +13,6 @@ import time
 import uuid
 
 import httpx
-import numpy as np
 from psycopg import AsyncConnection
 
 from services.retriever.chunking import ChunkingError, chunk_blocks
@@ -278,7 +277,7 @@ class Ingestor:
             if not chunks:
                 await self.store.fail_job(job, worker, "the document has no text")
                 return
-            vectors = np.stack(await self._embed([chunk.text for chunk in chunks]))
+            vectors = await self._embed([chunk.text for chunk in chunks])
         except ChunkingError as exc:
             await self.store.fail_job(job, worker, str(exc))
             return

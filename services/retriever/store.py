@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
+from pgvector import Vector
 from pgvector.psycopg import register_vector_async
 from psycopg import AsyncConnection
 from psycopg.errors import UniqueViolation
@@ -300,7 +300,7 @@ class Store:
             raise LeaseLost(f"lost the lease on {job.document_id}")
 
     async def finish_job(
-        self, job: Job, worker: str, chunks: Sequence[Chunk], vectors: np.ndarray
+        self, job: Job, worker: str, chunks: Sequence[Chunk], vectors: Sequence[Vector]
     ) -> None:
         """Write all chunks, mark the document ready and end the job, in one transaction."""
         async with self.tenant(job.user_id) as conn:
@@ -383,7 +383,7 @@ class Store:
     async def vector_search(
         self,
         user_id: str,
-        vector: np.ndarray,
+        vector: Vector,
         k: int,
         document_ids: list[uuid.UUID],
         metadata: dict[str, Any],

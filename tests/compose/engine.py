@@ -25,7 +25,7 @@ def _ping() -> docker.DockerClient | None:
     return None
 
 
-def _apt_install(*packages: str) -> None:
+def apt_install(*packages: str) -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-q"], check=True, env=env, capture_output=True)
     subprocess.run(
@@ -44,7 +44,7 @@ def docker_engine(workdir: Path, log: Callable[[str], None]) -> Iterator[docker.
         return
     if shutil.which("dockerd") is None:
         log("installing Debian's docker.io")
-        _apt_install("docker.io")
+        apt_install("docker.io")
     log("starting dockerd")
     engine_log = (workdir / "dockerd.log").open("wb")
     proc = subprocess.Popen(["dockerd"], stdout=engine_log, stderr=subprocess.STDOUT)
@@ -76,7 +76,7 @@ def compose_command(log: Callable[[str], None]) -> list[str]:
             return [docker_cli, "compose"]
     if shutil.which("docker-compose") is None:
         log("installing Debian's docker-compose")
-        _apt_install("docker-compose")
+        apt_install("docker-compose")
     standalone = shutil.which("docker-compose")
     assert standalone is not None
     return [standalone]

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 from docker.errors import APIError, ImageNotFound
 
+from tests.compose.engine import apt_install
+
 if TYPE_CHECKING:
     import docker
 
@@ -186,6 +188,9 @@ def _python_digest() -> str:
 
 def _build_python(client: docker.DockerClient, digest: str, log: Log) -> None:
     """debootstrap a bookworm root, shape it like the official image, `docker import` it."""
+    if shutil.which("debootstrap") is None:
+        log("standins: installing Debian's debootstrap")
+        apt_install("debootstrap")
     work = Path(tempfile.mkdtemp(prefix="standin-python-", dir="/tmp"))
     root = work / "rootfs"
     try:
