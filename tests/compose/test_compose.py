@@ -50,6 +50,7 @@ IMAGES: dict[str, tuple[str, int | None]] = {
 SERVICES = ("cognito", "postgres", "embedder", "generator", "retriever", "gateway")
 READY_TIMEOUT_S = 600.0
 TORCH_SPEC = "torch==2.13.0"  # the embedder extra's pin
+TORCH_INDEX_PORT = 38517
 
 DOCUMENT = """# Wombat Creek Lighthouse
 
@@ -98,7 +99,10 @@ def torch_index(workdir: Path) -> Iterator[str]:
             pass
 
     handler = partial(QuietHandler, directory=str(workdir / "simple"))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    try:  # the same URL each run keeps the embedder's torch layer cached (it is a build arg)
+        server = ThreadingHTTPServer(("127.0.0.1", TORCH_INDEX_PORT), handler)
+    except OSError:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/"
     server.shutdown()
