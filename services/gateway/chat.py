@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
+import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
@@ -21,6 +22,7 @@ from services.common.protocol import (
     SEARCH_QUERY_MAX_CHARS,
     ChatRequest,
     Citation,
+    ModelList,
     SearchHit,
     SearchRequest,
 )
@@ -221,11 +223,14 @@ async def _start_generation(
         passages = rag.fit_passages(
             [hit.model_dump(mode="json") for hit in hits],
             messages,
-            settings.generator_context_tokens,
+            await generator_context_tokens(request, settings),
             max_tokens,
         )
         cited = hits[: len(passages)]  # fit_passages keeps the best hits, in order
-    prompt = rag.build_messages(passages, messages) if body.retrieval.enabled else messages
+    if body.retrieval.enabled:
+        prompt = rag.build_messages(passages, messages)
+    else:
+        prompt = rag.normalize_messages(messages)  # what every engine's template accepts
     payload = _generator_payload(body, prompt, max_tokens)
     generator: EngineClient = request.app.state.generator_stream
     if on_sent is not None:
@@ -237,6 +242,38 @@ async def _start_generation(
     except (EngineUnavailable, TimeoutError) as exc:
         raise unavailable("generator") from exc
     return resp, Citation.of_hits(cited)
+
+
+FALLBACK_CONTEXT_TOKENS = 2048  # when the generator does not say (the smallest we serve)
+
+
+async def generator_context_tokens(request: Request, settings: GatewaySettings) -> int:
+    """The generator's context in tokens: the setting, else what the generator's /v1/models
+    says (asked once, then kept), else FALLBACK_CONTEXT_TOKENS until it answers."""
+    if settings.generator_context_tokens is not None:
+        return settings.generator_context_tokens
+    known: int | None = getattr(request.app.state, "generator_context_tokens", None)
+    if known is not None:
+        return known
+    generator: httpx.AsyncClient = request.app.state.generator
+    try:
+        resp = await generator.get("/v1/models", timeout=5.0)
+        resp.raise_for_status()
+        models = ModelList.model_validate_json(resp.content)
+        card = models.data[0].model_dump() if models.data else {}
+        context = card.get("context_length") or card.get("max_model_len")
+        known = int(context) if context else None
+    except (httpx.HTTPError, ValidationError, TypeError, ValueError) as exc:
+        logger.warning("the generator's context length is unknown yet: %s", exc)
+        return FALLBACK_CONTEXT_TOKENS
+    if known is None:
+        logger.warning(
+            "the generator does not say its context length; assuming %d tokens",
+            FALLBACK_CONTEXT_TOKENS,
+        )
+        known = FALLBACK_CONTEXT_TOKENS
+    request.app.state.generator_context_tokens = known
+    return known
 
 
 async def _search(request: Request, user: Principal, search: SearchRequest) -> list[SearchHit]:

@@ -148,11 +148,50 @@ def passage_block(index: int, passage: Passage) -> str:
 
 
 def build_messages(passages: list[Passage], messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The generator's messages: our instructions and the passages, then the conversation,
+    in the shape every chat template accepts (see normalize_messages)."""
     if not passages:
-        return [{"role": "system", "content": NO_CONTEXT_PROMPT}, *messages]
+        return normalize_messages(messages, NO_CONTEXT_PROMPT)
     blocks = [passage_block(i, p) for i, p in enumerate(passages, start=1)]
     system = f"{SYSTEM_PROMPT}\n\n{PASSAGES_OPEN}\n" + "\n".join(blocks) + f"\n{PASSAGES_CLOSE}"
-    return [{"role": "system", "content": system}, *messages]
+    return normalize_messages(messages, system)
+
+
+CLIENT_INSTRUCTIONS = "Instructions from the application:"
+EARLIER_ASSISTANT = "Earlier in this conversation, you said:"
+
+
+def normalize_messages(
+    messages: list[dict[str, Any]], system: str | None = None
+) -> list[dict[str, Any]]:
+    """Messages that the strictest template we serve accepts (Mistral-7B-Instruct v0.3's):
+    at most one system message, first, then user and assistant turns alternating from a user
+    turn. Our system text comes first; the client's own system and developer messages follow
+    it in that one message; consecutive turns of one role are merged; a conversation that
+    opens with the assistant has that turn moved into the system message; empty turns go.
+    Any other role ("tool") speaks as the user."""
+    instructions: list[str] = []
+    turns: list[dict[str, Any]] = []
+    for message in messages:
+        content = message.get("content")
+        if not isinstance(content, str) or not content.strip():
+            continue
+        role = message.get("role")
+        if role in ("system", "developer"):
+            instructions.append(content)
+            continue
+        role = "assistant" if role == "assistant" else "user"
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"] += "\n\n" + content
+        else:
+            turns.append({"role": role, "content": content})
+    parts = [system] if system else []
+    if instructions:
+        parts.append(CLIENT_INSTRUCTIONS + "\n" + "\n\n".join(instructions))
+    if turns and turns[0]["role"] == "assistant":
+        parts.append(EARLIER_ASSISTANT + "\n" + turns.pop(0)["content"])
+    head = [{"role": "system", "content": "\n\n".join(parts)}] if parts else []
+    return head + turns
 
 
 def citations(passages: list[Passage]) -> list[dict[str, Any]]:

@@ -51,7 +51,10 @@ class GatewaySettings(InternalAuthSettings):
     rag_k: int = 4
     default_max_tokens: int = 256
     max_tokens_cap: int = 1024
-    generator_context_tokens: int = 2048
+    # Tokens one generation may hold (prompt and answer): the passage budget. Empty: asked
+    # from the generator (/v1/models: our generator's context_length, vLLM's max_model_len),
+    # so it follows GENERATOR_MAX_MODEL_LEN (8192 on vLLM) or the llama.cpp slot (2048).
+    generator_context_tokens: int | None = Field(None, ge=256)
     generator_timeout_s: float = 300.0
     # SSE comment after this long without an event; a stream the generator has not answered
     # by then starts anyway (200) and comments while it waits.
