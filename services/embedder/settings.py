@@ -17,6 +17,9 @@ class EmbedderSettings(ServiceSettings):
     # production sets e.g. thenlper/gte-base with weights baked into the image.
     model: str = BUNDLED_MODEL
     served_model_name: str | None = None
+    # Models baked into the image at build time (services/embedder/Dockerfile, EMBEDDER_MODEL
+    # build argument): `thenlper/gte-base` is loaded from <models_dir>/thenlper--gte-base.
+    models_dir: str = "/models"
     device: str = "auto"  # auto (CUDA in fp16 when present, else CPU) | cpu | cuda | cuda:N
     # Matryoshka-trained models can be cut to these sizes with `dimensions`; others cannot.
     matryoshka_dims: list[int] = Field(default_factory=list)
