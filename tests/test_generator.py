@@ -4,6 +4,7 @@ vllm / ray launch paths up to the command and config they build."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -23,7 +25,12 @@ from openai import OpenAI
 
 from ragctl.stack import Stack, free_port, wait_ready
 from services.generator.app import create_app
-from services.generator.engines import ray_serve_config, vllm_command
+from services.generator.engines import (
+    RayServeEngine,
+    VllmEngine,
+    ray_serve_config,
+    vllm_command,
+)
 from services.generator.settings import GeneratorSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -335,39 +342,185 @@ def test_sigterm_lets_in_flight_streams_finish(tmp_path: Path) -> None:
             proc.wait()
 
 
-def test_vllm_command_is_sized_for_mistral_on_an_a10g() -> None:
-    cmd = vllm_command(GeneratorSettings(engine="vllm", served_model_name="mistral-7b"), 9000)
-    assert cmd[:3] == ["vllm", "serve", "mistralai/Mistral-7B-Instruct-v0.3"]
-    args = dict(zip(cmd[3::2], cmd[4::2], strict=False))
-    assert args["--host"] == "127.0.0.1" and args["--port"] == "9000"
-    assert args["--served-model-name"] == "mistral-7b"
-    assert args["--max-model-len"] == "8192" and args["--max-num-seqs"] == "16"
-    assert args["--gpu-memory-utilization"] == "0.9" and args["--dtype"] == "float16"
-    assert "--enable-prefix-caching" in cmd and "--enable-chunked-prefill" in cmd
-    assert "--quantization" not in cmd
-    awq = vllm_command(
-        GeneratorSettings(
-            engine="vllm", quantization="awq", model="TheBloke/Mistral-7B-Instruct-v0.2-AWQ"
-        ),
-        9000,
+# vLLM's own parser and Ray Serve LLM's own config classes, in the environment `make install`
+# builds for them (vLLM 0.11.0's Python sources, CPU torch, Ray 2.51). vLLM picks a platform
+# when it builds its parser (the `--device` default) and its CUDA platform module loads the
+# CUDA kernels, so the check stands a CUDA platform in through vLLM's own plugin interface:
+# parsing itself is the same on every platform.
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+VLLM_CHECK = """
+import json, sys
+import vllm.platforms
+from vllm.platforms.interface import Platform, PlatformEnum
+
+class CudaForParsing(Platform):
+    _enum = PlatformEnum.CUDA
+    device_name = device_type = "cuda"
+
+vllm.platforms._current_platform = CudaForParsing()
+
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.entrypoints.cli.serve import ServeSubcommand
+from vllm.utils import FlexibleArgumentParser
+
+request = json.load(sys.stdin)
+result = {"version": vllm.__version__, "serve": [], "ray": []}
+for argv in request["serve"]:
+    # What `vllm serve` does: the CLI's parser with the serve subcommand, its validation,
+    # the positional model over --model, then the engine arguments and their load config.
+    parser = FlexibleArgumentParser(prog="vllm")
+    serve = ServeSubcommand()
+    serve.subparser_init(parser.add_subparsers(dest="subparser"))
+    args = parser.parse_args(argv)
+    serve.validate(args)
+    args.model = args.model_tag or args.model
+    engine = AsyncEngineArgs.from_cli_args(args)
+    load = engine.create_load_config()
+    used = {option for option in argv if option.startswith("--")}
+    deprecated = sorted(
+        option
+        for action in FlexibleArgumentParser._deprecated
+        for option in action.option_strings
+        if option in used
     )
-    assert awq[2] == "TheBloke/Mistral-7B-Instruct-v0.2-AWQ"
-    assert awq[awq.index("--quantization") + 1] == "awq"
+    parsed = {k: v for k, v in vars(args).items() if k != "dispatch_function"}
+    parsed["load_ignore_patterns"] = load.ignore_patterns
+    parsed["load_download_dir"] = load.download_dir
+    result["serve"].append({"args": parsed, "deprecated": deprecated})
+
+from ray.serve.llm import LLMConfig
+
+for raw in request["ray"]:
+    config = LLMConfig.model_validate(raw)
+    # What Ray hands vLLM: its engine config's keyword arguments, into AsyncEngineArgs.
+    kwargs = config.get_engine_config().get_initialization_kwargs()
+    engine = AsyncEngineArgs(**kwargs)
+    result["ray"].append({"kwargs": kwargs, "load_ignore_patterns": engine.ignore_patterns})
+print(json.dumps(result, default=str))
+"""
 
 
-def test_ray_serve_configs_validate_and_match() -> None:
+def check_with_vllm(serve: list[list[str]], ray: list[dict[str, Any]]) -> dict[str, Any]:
+    """vLLM's parser on `vllm serve` argument lists, Ray's LLMConfig on llm_configs."""
+    if not VLLM_PYTHON.exists():
+        pytest.fail(f"{VLLM_PYTHON} is missing: `make install` builds it")
+    proc = subprocess.run(
+        [str(VLLM_PYTHON), "-c", VLLM_CHECK],
+        input=json.dumps({"serve": serve, "ray": ray}),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        # Not offline: vLLM's offline mode swaps the model id for its local snapshot. Parsing
+        # reaches no network (the model's own config is read only when the engine starts).
+        env={**os.environ, "HF_HUB_OFFLINE": "0", "VLLM_NO_USAGE_STATS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
+    assert result["version"] == "0.11.0"  # services/generator/Dockerfile.vllm
+    return result
+
+
+AWQ_CHECKPOINT = "solidrust/Mistral-7B-Instruct-v0.3-AWQ"
+
+
+def test_vllm_parses_the_command_sized_for_mistral_on_an_a10g() -> None:
+    default = vllm_command(GeneratorSettings(engine="vllm", served_model_name="mistral-7b"), 9000)
+    awq = vllm_command(GeneratorSettings(engine="vllm", model=AWQ_CHECKPOINT), 9000)
+    cached = vllm_command(GeneratorSettings(engine="vllm", download_dir="/cache/weights"), 9000)
+    assert default[:2] == awq[:2] == ["vllm", "serve"]
+    plain, quantized, with_dir = check_with_vllm([default[1:], awq[1:], cached[1:]], [])["serve"]
+
+    args = plain["args"]
+    assert args["model"] == "mistralai/Mistral-7B-Instruct-v0.3"
+    assert args["host"] == "127.0.0.1" and args["port"] == 9000
+    assert args["served_model_name"] == ["mistral-7b"]
+    assert args["max_model_len"] == 8192 and args["max_num_seqs"] == 16
+    assert args["max_num_batched_tokens"] == 2048
+    assert args["gpu_memory_utilization"] == 0.9 and args["dtype"] == "float16"
+    assert args["enable_prefix_caching"] is True and args["enable_chunked_prefill"] is True
+    assert args["tensor_parallel_size"] == 1
+    # one copy of Mistral's weights: the shards, not consolidated.safetensors as well
+    assert "consolidated.safetensors" in args["load_ignore_patterns"]
+    assert args["load_download_dir"] is None  # the Hugging Face cache under HF_HOME
+    assert args["enable_log_requests"] is False and args["quantization"] is None
+    assert plain["deprecated"] == []
+
+    # An AWQ checkpoint: vLLM reads the method from its config (awq_marlin on an A10G).
+    assert quantized["args"]["model"] == AWQ_CHECKPOINT
+    assert quantized["args"]["quantization"] is None and quantized["deprecated"] == []
+    assert with_dir["args"]["load_download_dir"] == "/cache/weights"
+
+
+def test_vllm_flags_what_it_deprecates() -> None:
+    """The check sees a deprecated option (the one this launcher used to pass)."""
+    (result,) = check_with_vllm([["serve", "m", "--disable-log-requests"]], [])["serve"]
+    assert result["deprecated"] == ["--disable-log-requests"]
+
+
+def write_checkpoint(path: Path, quantization: dict[str, Any] | None) -> str:
+    config: dict[str, Any] = {"architectures": ["MistralForCausalLM"]}
+    if quantization:
+        config["quantization_config"] = quantization
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def test_vllm_quantization_setting_only_requires_a_quantized_checkpoint(tmp_path: Path) -> None:
+    awq = write_checkpoint(tmp_path / "awq", {"quant_method": "awq", "bits": 4})
+    fp16 = write_checkpoint(tmp_path / "fp16", None)
+    engine = VllmEngine(GeneratorSettings(engine="vllm", quantization="awq", model=awq))
+    assert "--quantization" not in engine.command()
+    with pytest.raises(RuntimeError, match="needs an AWQ checkpoint"):
+        VllmEngine(GeneratorSettings(engine="vllm", quantization="awq", model=fp16)).command()
+
+
+def test_ray_serve_configs_validate_with_ray_serve_llm_and_match() -> None:
     from ray.serve.schema import ServeDeploySchema
 
     built = ray_serve_config(
         GeneratorSettings(engine="ray", served_model_name="mistral-7b-instruct"), 8003
     )
-    ServeDeploySchema.model_validate(built)
+    ServeDeploySchema.parse_obj(built)
     shipped = yaml.safe_load((REPO / "deploy" / "ray" / "generator.yaml").read_text())
-    ServeDeploySchema.model_validate(shipped)
+    ServeDeploySchema.parse_obj(shipped)
     assert shipped["applications"][0]["args"] == built["applications"][0]["args"]
     assert built["applications"][0]["import_path"] == "ray.serve.llm:build_openai_app"
     embedder = yaml.safe_load((REPO / "deploy" / "ray" / "embedder.yaml").read_text())
-    ServeDeploySchema.model_validate(embedder)
+    ServeDeploySchema.parse_obj(embedder)
+
+    (llm_config,) = built["applications"][0]["args"]["llm_configs"]
+    (checked,) = check_with_vllm([], [llm_config])["ray"]
+    kwargs = checked["kwargs"]
+    assert kwargs["model"] == "mistralai/Mistral-7B-Instruct-v0.3"
+    assert kwargs["served_model_name"] == ["mistral-7b-instruct"]
+    assert kwargs["max_model_len"] == 8192 and kwargs["max_num_seqs"] == 16
+    assert kwargs["enable_chunked_prefill"] and kwargs["enable_prefix_caching"]
+    assert "consolidated.safetensors" in checked["load_ignore_patterns"]
+    assert "quantization" not in kwargs
+
+
+def test_the_hugging_face_token_reaches_ray_replicas_through_runtime_env(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    settings = GeneratorSettings(engine="ray")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert "runtime_env" not in ray_serve_config(settings, 8003)["applications"][0]
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    built = ray_serve_config(settings, 8003)
+    ServeDeploySchema.parse_obj(built)
+    assert built["applications"][0]["runtime_env"] == {"env_vars": {"HF_TOKEN": "hf_test_token"}}
+
+
+def test_ray_engine_launches_serve_run() -> None:
+    cmd = RayServeEngine(GeneratorSettings(engine="ray")).command()
+    assert cmd[1] == "run" and Path(cmd[2]).is_file()
+    help_text = subprocess.run(
+        [cmd[0], "run", "--help"], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    assert "CONFIG_OR_IMPORT_PATH" in help_text
 
 
 async def test_engine_client_reports_a_dead_engine_as_unavailable() -> None:

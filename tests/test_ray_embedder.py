@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import yaml
 from openai import OpenAI
 
 from ragctl.stack import free_port, wait_ready
+from services.generator.engines import serve_executable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def serve_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     log = open(path.with_suffix(".log"), "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ray.serve.scripts", "run", str(path)],
+        [serve_executable(), "run", str(path)],  # Ray's own command line, as users run it
         cwd=REPO,
         env=env,
         stdout=log,

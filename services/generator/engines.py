@@ -7,8 +7,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,7 +85,12 @@ class LlamaCppEngine:
 
 
 def vllm_command(settings: GeneratorSettings, port: int) -> list[str]:
-    """`vllm serve` arguments for the configured model (see docs/generator-sizing.md)."""
+    """`vllm serve` arguments for the configured model (see docs/generator-sizing.md).
+
+    No `--quantization`: vLLM reads the method from an AWQ checkpoint's config and picks its
+    fast awq_marlin kernel (naming `awq` would force the slow one). Request logging is off by
+    default in vLLM 0.11 (`--disable-log-requests` is deprecated there, gone after).
+    """
     cmd = [
         "vllm",
         "serve",
@@ -107,15 +114,16 @@ def vllm_command(settings: GeneratorSettings, port: int) -> list[str]:
         "--enable-chunked-prefill",
         "--tensor-parallel-size",
         str(settings.tensor_parallel_size),
-        "--disable-log-requests",
     ]
     cmd.append(
         "--enable-prefix-caching"
         if settings.enable_prefix_caching
         else "--no-enable-prefix-caching"
     )
-    if settings.quantization:
-        cmd += ["--quantization", settings.quantization]
+    if settings.ignore_patterns:
+        cmd += ["--ignore-patterns", *settings.ignore_patterns]
+    if settings.download_dir:
+        cmd += ["--download-dir", settings.download_dir]
     return cmd
 
 
@@ -131,9 +139,39 @@ def engine_kwargs(settings: GeneratorSettings) -> dict[str, Any]:
         "enable_prefix_caching": settings.enable_prefix_caching,
         "tensor_parallel_size": settings.tensor_parallel_size,
     }
-    if settings.quantization:
-        kwargs["quantization"] = settings.quantization
+    if settings.ignore_patterns:
+        kwargs["ignore_patterns"] = list(settings.ignore_patterns)
+    if settings.download_dir:
+        kwargs["download_dir"] = settings.download_dir
     return kwargs
+
+
+def checkpoint_quantization(model: str) -> str | None:
+    """The `quant_method` a checkpoint's config.json declares (a local directory or a Hub
+    repository, read through the Hugging Face cache), or None for an unquantized one."""
+    local = Path(model) / "config.json"
+    if local.is_file():
+        path = local
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(model, "config.json"))
+    quantization = json.loads(path.read_text()).get("quantization_config") or {}
+    method = quantization.get("quant_method")
+    return str(method) if method else None
+
+
+def require_checkpoint_quantization(settings: GeneratorSettings) -> None:
+    """With GENERATOR_QUANTIZATION set, refuse a model that is not quantized that way."""
+    if settings.quantization is None:
+        return
+    found = checkpoint_quantization(settings.model)
+    if found != settings.quantization:
+        raise RuntimeError(
+            f"GENERATOR_QUANTIZATION={settings.quantization} needs an "
+            f"{settings.quantization.upper()} checkpoint; {settings.model} declares "
+            f"{found or 'no quantization'}"
+        )
 
 
 def ray_serve_config(settings: GeneratorSettings, port: int) -> dict[str, Any]:
@@ -154,17 +192,18 @@ def ray_serve_config(settings: GeneratorSettings, port: int) -> dict[str, Any]:
     }
     if settings.ray_accelerator_type:
         llm_config["accelerator_type"] = settings.ray_accelerator_type
-    return {
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [
-            {
-                "name": "llm",
-                "route_prefix": "/",
-                "import_path": "ray.serve.llm:build_openai_app",
-                "args": {"llm_configs": [llm_config]},
-            }
-        ],
+    application: dict[str, Any] = {
+        "name": "llm",
+        "route_prefix": "/",
+        "import_path": "ray.serve.llm:build_openai_app",
+        "args": {"llm_configs": [llm_config]},
     }
+    # Gated weights (Mistral's): the token reaches the replicas on every node through the
+    # application's runtime_env, not an image or a node's environment.
+    hf_token = os.environ.get("HF_TOKEN")
+    if hf_token:
+        application["runtime_env"] = {"env_vars": {"HF_TOKEN": hf_token}}
+    return {"http_options": {"host": "127.0.0.1", "port": port}, "applications": [application]}
 
 
 class ChildProcessEngine:
@@ -209,7 +248,19 @@ class ChildProcessEngine:
 
 class VllmEngine(ChildProcessEngine):
     def command(self) -> list[str]:
+        require_checkpoint_quantization(self.settings)
         return vllm_command(self.settings, self.port)
+
+
+def serve_executable() -> str:
+    """Ray's `serve` command: beside this interpreter (its virtualenv), else on PATH."""
+    beside = Path(sys.executable).parent / "serve"
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("serve")
+    if found is None:
+        raise RuntimeError("Ray's `serve` command not found: install ray[serve]")
+    return found
 
 
 class RayServeEngine(ChildProcessEngine):
@@ -218,10 +269,11 @@ class RayServeEngine(ChildProcessEngine):
     def command(self) -> list[str]:
         import yaml
 
+        require_checkpoint_quantization(self.settings)
         config = ray_serve_config(self.settings, self.port)
         path = Path(tempfile.mkdtemp(prefix="generator-ray-")) / "serve.yaml"
         path.write_text(yaml.safe_dump(config))
-        return [sys.executable, "-m", "ray.serve.scripts", "run", str(path)]
+        return [serve_executable(), "run", str(path)]
 
 
 def make_engine(settings: GeneratorSettings) -> Engine:

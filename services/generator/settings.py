@@ -33,7 +33,9 @@ class GeneratorSettings(ServiceSettings):
 
     # vllm and ray (GPU)
     model: str = "mistralai/Mistral-7B-Instruct-v0.3"
-    quantization: Literal["awq"] | None = None  # with an AWQ checkpoint as `model`
+    # With an AWQ checkpoint as `model`: vLLM reads the method from its config (and picks the
+    # awq_marlin kernel); this only makes the launcher refuse a `model` that is not AWQ.
+    quantization: Literal["awq"] | None = None
     dtype: str = "float16"
     max_model_len: int = 8192
     gpu_memory_utilization: float = 0.90
@@ -41,6 +43,12 @@ class GeneratorSettings(ServiceSettings):
     max_num_batched_tokens: int = 2048  # chunked-prefill budget per engine step
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
+    # Weight files vLLM skips: Mistral's repositories hold every weight twice (sharded
+    # model-*.safetensors and consolidated.safetensors); original/**/* is vLLM's own default.
+    ignore_patterns: list[str] = ["original/**/*", "consolidated.safetensors"]
+    # Where vLLM keeps downloaded weights; empty: the Hugging Face cache under HF_HOME (the
+    # vLLM image bakes the weights there; mount a volume at HF_HOME to load them once).
+    download_dir: str | None = None
     ray_min_replicas: int = 1
     ray_max_replicas: int = 4
     ray_accelerator_type: str | None = "A10G"
