@@ -35,13 +35,23 @@ POOL_FILE = Path(os.environ.get("COGNITO_POOL_FILE", "/run/cognito/pool.json"))
 LOCAL_URL = f"http://127.0.0.1:{PORT}"
 
 
+DEV_USER_FILE = STATE_DIR / "dev-user.json"
+
+
+def _read_dev_user_state() -> dict[str, Any]:
+    try:
+        state: dict[str, Any] = json.loads(DEV_USER_FILE.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"no dev user yet ({DEV_USER_FILE}): is the emulator running?") from exc
+    return state
+
+
 def _dev_user_state() -> dict[str, Any]:
     """The dev user's password and sub seed: made on first start, kept in the state folder
     (owner-only: it holds the password)."""
-    path = STATE_DIR / "dev-user.json"
+    path = DEV_USER_FILE
     if path.exists():
-        state: dict[str, Any] = json.loads(path.read_text())
-        return state
+        return _read_dev_user_state()
     state = {
         "username": DEV_USER,
         "password": f"Pw-{secrets.token_urlsafe(16)}1!",
@@ -103,7 +113,8 @@ def check() -> int:
 
 
 def token() -> None:
-    state = _dev_user_state()
+    """Print the dev user's access token; reads the state `serve` made, never makes it."""
+    state = _read_dev_user_state()
     pool_doc = json.loads(POOL_FILE.read_text())
     pool = LocalPool(
         endpoint=LOCAL_URL, pool_id=pool_doc["pool_id"], client_id=pool_doc["client_id"]

@@ -22,7 +22,6 @@ from services.common.protocol import (
     SEARCH_QUERY_MAX_CHARS,
     ChatRequest,
     Citation,
-    ModelList,
     SearchHit,
     SearchRequest,
 )
@@ -39,7 +38,7 @@ from services.gateway import rag
 from services.gateway.auth import Principal
 from services.gateway.limits import ChatAdmission, RateLimiter
 from services.gateway.settings import GatewaySettings
-from services.gateway.upstream import RetrieverClient, unavailable
+from services.gateway.upstream import RetrieverClient, generator_models, unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -257,9 +256,7 @@ async def generator_context_tokens(request: Request, settings: GatewaySettings) 
         return known
     generator: httpx.AsyncClient = request.app.state.generator
     try:
-        resp = await generator.get("/v1/models", timeout=5.0)
-        resp.raise_for_status()
-        models = ModelList.model_validate_json(resp.content)
+        models = await generator_models(generator)
         card = models.data[0].model_dump() if models.data else {}
         context = card.get("context_length") or card.get("max_model_len")
         known = int(context) if context else None

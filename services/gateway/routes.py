@@ -29,7 +29,7 @@ from services.common.protocol import (
 )
 from services.gateway.chat import chat_completion
 from services.gateway.deps import GeneratorHTTP, Retriever, Settings, User
-from services.gateway.upstream import relay, unavailable
+from services.gateway.upstream import generator_models, relay, unavailable
 
 UPLOAD_MEDIA_TYPES = ("multipart/form-data", "application/json")
 UPLOAD_FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries and the title/metadata fields
@@ -260,14 +260,11 @@ async def search(
 )
 async def list_models(user: User, generator: GeneratorHTTP) -> Response:
     try:
-        resp = await generator.get("/v1/models", timeout=5.0)
-        resp.raise_for_status()
+        models = await generator_models(generator)
     except httpx.HTTPError as exc:
         raise unavailable("generator") from exc
-    try:
-        models = ModelList.model_validate_json(resp.content)
-    except ValidationError as exc:
-        raise upstream_error(500, resp.content, "generator") from exc
+    except ValidationError as exc:  # a 200 we cannot read: the generator failed (502)
+        raise upstream_error(500, b"", "generator") from exc
     return JSONResponse(models.model_dump(mode="json", exclude_unset=True))
 
 

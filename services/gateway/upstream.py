@@ -9,6 +9,7 @@ import httpx
 from fastapi import Response
 
 from services.common.errors import APIError, upstream_error
+from services.common.protocol import ModelList
 
 logger = logging.getLogger(__name__)
 
@@ -121,3 +122,11 @@ def relay(resp: httpx.Response) -> Response:
     return Response(
         resp.content, status_code=resp.status_code, media_type=resp.headers.get("content-type")
     )
+
+
+async def generator_models(generator: httpx.AsyncClient) -> ModelList:
+    """The generator's /v1/models, parsed; raises httpx.HTTPError when the generator is
+    unreachable or refuses, pydantic's ValidationError when it answers nonsense."""
+    resp = await generator.get("/v1/models", timeout=5.0)
+    resp.raise_for_status()
+    return ModelList.model_validate_json(resp.content)

@@ -112,10 +112,12 @@ class EmbedderClient:
         """Vectors for passages (ingestion) or a query (search)."""
         body = EmbeddingRequest(input=texts, encoding_format="base64", input_type=input_type)
         answer = EmbeddingResponse.model_validate_json(await self._post("/v1/embeddings", body))
-        items = sorted(answer.data, key=lambda item: item.index)
-        if any(not isinstance(item.embedding, str) for item in items):
-            raise EmbedderUnavailable("the embedder answered floats to a base64 request")
-        return [vector_from_base64(str(item.embedding)) for item in items]
+        vectors = []
+        for item in sorted(answer.data, key=lambda item: item.index):
+            if not isinstance(item.embedding, str):
+                raise EmbedderUnavailable("the embedder answered floats to a base64 request")
+            vectors.append(vector_from_base64(item.embedding))
+        return vectors
 
 
 def vector_from_base64(encoded: str) -> Vector:
