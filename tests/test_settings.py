@@ -99,3 +99,71 @@ def test_dev_secrets_are_made_once_and_kept(tmp_path: Path) -> None:
     assert first["service_token"] != first["postgres_password"]
     assert ensure_secrets(tmp_path) == []
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == first
+
+
+def test_the_database_passwords_come_from_env_vars_as_ecs_injects_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RETRIEVER_DATABASE_URL", "postgresql://rag@db:5432/rag?sslmode=require")
+    monkeypatch.setenv("RETRIEVER_DATABASE_PASSWORD", SECRET)
+    app_password = "app-" + "y" * 30
+    monkeypatch.setenv("RETRIEVER_APP_DATABASE_PASSWORD", app_password)
+    settings = RetrieverSettings(profile="prod", service_token=SECRET)
+    assert f"password={SECRET}" in (settings.database_url or "")
+    assert "sslmode=require" in (settings.database_url or "")
+    # No app URL: the service makes app_role's login with the app password at start.
+    assert settings.app_database_url is None
+    assert settings.app_login_password == app_password
+    assert app_password not in repr(settings)  # a SecretStr until migrate needs it
+
+
+def test_an_app_password_with_an_app_url_is_that_urls_password() -> None:
+    settings = RetrieverSettings(
+        database_url="postgresql://rag@db:5432/rag",
+        app_database_url="postgresql://rag_app@db:5432/rag",
+        app_database_password=SECRET,
+    )
+    assert f"password={SECRET}" in (settings.app_database_url or "")
+    assert "password" not in (settings.database_url or "")
+    assert settings.app_login_password is None  # the operator made that login
+
+
+def test_database_passwords_from_a_file_and_env_vars_together_are_refused(tmp_path: Path) -> None:
+    password_file = tmp_path / "postgres_password"
+    password_file.write_text(SECRET)
+    url = "postgresql://rag@db:5432/rag"
+    with pytest.raises(ValidationError, match="not both"):
+        RetrieverSettings(
+            database_url=url, database_password_file=password_file, database_password=SECRET
+        )
+    with pytest.raises(ValidationError, match="not both"):
+        RetrieverSettings(
+            database_url=url,
+            app_database_url="postgresql://rag_app@db:5432/rag",
+            database_password_file=password_file,
+            app_database_password=SECRET,
+        )
+    # The file for the owner, the env var for the login the service makes: no conflict.
+    settings = RetrieverSettings(
+        database_url=url, database_password_file=password_file, app_database_password="a" * 20
+    )
+    assert settings.app_login_password == "a" * 20
+    with pytest.raises(ValidationError, match="needs RETRIEVER_DATABASE_URL"):
+        RetrieverSettings(database_password=SECRET)
+
+
+@pytest.mark.parametrize("password", ["rag", "hunter2-weak"])
+def test_weak_database_passwords_from_env_vars_are_refused_in_prod_and_not_shown(
+    password: str,
+) -> None:
+    url = "postgresql://rag@db:5432/rag"
+    for given in ({"database_password": password}, {"app_database_password": password}):
+        RetrieverSettings(database_url=url, **given)  # dev: accepted
+        with pytest.raises(ValidationError, match="database password") as raised:
+            RetrieverSettings(
+                profile="prod",
+                service_token=SECRET,
+                database_url=url,
+                **{"database_password": SECRET, **given},
+            )
+        assert password not in str(raised.value) and SECRET not in str(raised.value)

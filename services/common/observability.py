@@ -97,9 +97,15 @@ class RequestContextMiddleware:
 
 
 def install_observability(
-    app: FastAPI, service: str, readiness: dict[str, ReadinessCheck] | None = None
+    app: FastAPI,
+    service: str,
+    readiness: dict[str, ReadinessCheck] | None = None,
+    optional: frozenset[str] = frozenset(),
 ) -> None:
-    """Add /healthz, /readyz, /metrics and the request-id middleware to an app."""
+    """Add /healthz, /readyz, /metrics and the request-id middleware to an app. /readyz
+    answers 503 while a readiness check fails, except those named in optional: their
+    failures are reported as `degraded` in a 200 (a dependency the service can run without,
+    such as a generator scaled to zero on a schedule)."""
     checks = readiness or {}
 
     app.add_middleware(RequestContextMiddleware, service=service)
@@ -118,8 +124,12 @@ def install_observability(
                 reason = type(exc).__name__
             if reason:
                 not_ready[name] = reason
-        if not_ready:
+        degraded = {name: reason for name, reason in not_ready.items() if name in optional}
+        required = {name: reason for name, reason in not_ready.items() if name not in optional}
+        if required:
             return JSONResponse({"status": "not_ready", "not_ready": not_ready}, status_code=503)
+        if degraded:
+            return JSONResponse({"status": "ready", "degraded": degraded})
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics", include_in_schema=False)

@@ -329,3 +329,33 @@ class ModelInfo(BaseModel):
     dimension: int
     max_seq_length: int
     device: str
+
+
+# Per-user limits (gateway -> retriever): the counts live in the database every gateway task
+# shares; the numbers are the gateway's settings, sent with each call.
+
+
+class RequestTokenRequest(BaseModel):
+    """Take one request's token from the caller's bucket."""
+
+    per_minute: float = Field(gt=0, allow_inf_nan=False)  # the refill rate
+    burst: int = Field(ge=1)  # the bucket's size
+
+
+class RequestTokenResult(BaseModel):
+    admitted: bool
+    retry_after_s: float = 0.0  # until the next token, when not admitted
+
+
+class StreamLeaseRequest(BaseModel):
+    """Hold one of the caller's chat stream slots until released or lease_s have passed."""
+
+    # Chosen by the gateway: a release sent when it gave up waiting for this acquire holds
+    # even if it reaches the database first.
+    lease_id: uuid.UUID
+    max_streams: int = Field(ge=1)
+    lease_s: float = Field(gt=0, le=86_400, allow_inf_nan=False)
+
+
+class StreamLeaseResult(BaseModel):
+    admitted: bool

@@ -14,7 +14,7 @@ from services.common.http import make_client
 from services.common.observability import install_observability
 from services.common.relay import EngineClient
 from services.gateway.auth import CognitoVerifier, JwksCache
-from services.gateway.limits import RateLimiter
+from services.gateway.limits import RateLimiter, SharedLimits
 from services.gateway.routes import openapi_schema, router
 from services.gateway.settings import GatewaySettings
 from services.gateway.upstream import RetrieverClient
@@ -42,11 +42,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             JwksCache(settings.cognito_jwks_url, settings.jwks_refresh_penalty_s, jwks_http),
         )
         app.state.retriever = RetrieverClient(retriever_http)
+        limiter: RateLimiter = app.state.limiter
+        if settings.limits_store == "shared":
+            limiter.shared = SharedLimits(
+                app.state.retriever, settings.limits_timeout_s, settings.stream_lease_s
+            )
         app.state.generator = generator_http
         app.state.generator_stream = EngineClient.from_url(settings.generator_url)
         try:
             yield
         finally:
+            await limiter.aclose()  # stream leases still being given back go out first
             for client in (jwks_http, retriever_http, generator_http):
                 await client.aclose()
             await app.state.generator_stream.aclose()
@@ -75,6 +81,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app,
         "gateway",
         {"retriever": dependency_check("retriever"), "generator": dependency_check("generator")},
+        optional=frozenset(settings.readiness_optional),
     )
     app.include_router(router)
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]

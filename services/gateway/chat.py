@@ -80,7 +80,7 @@ async def chat_completion(
     limiter: RateLimiter = request.app.state.limiter
     # Before any work: a user over their own cap (429), or a gateway whose chats already
     # queue for the generator (503), costs nothing but that answer.
-    admission = limiter.admit_chat(
+    admission = await limiter.admit_chat(
         user.sub, settings.max_waiting_chats, settings.overloaded_retry_after_s
     )
     if body.stream:

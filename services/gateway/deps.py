@@ -45,7 +45,7 @@ async def current_user(
             code="insufficient_scope",
             headers={"WWW-Authenticate": 'Bearer error="insufficient_scope"'},
         )
-    request.app.state.limiter.check(principal.sub)
+    await request.app.state.limiter.check(principal.sub)
     return principal
 
 

@@ -1,24 +1,118 @@
 """Per-user limits (a token bucket on requests, a cap on concurrent chat streams) and one
 bound across users: chats admitted that the generator has not begun to answer.
 
-Kept in this gateway task's memory: with N gateway tasks behind the load balancer a user
-gets up to N times the rate. A shared store (ElastiCache) is the step up when that matters.
+The per-user counts live where GATEWAY_LIMITS_STORE says: in this task's memory ("local",
+one gateway task), or in the retriever's PostgreSQL database ("shared"), which every gateway
+task behind the load balancer asks, so N tasks still allow a user one rate and one cap, not
+N of them. No store beyond the database the platform already has: the retriever keeps the
+counts (services/retriever/limits.py), since only it reaches the database. When the shared
+store fails or is slow, that request is counted by this task alone (and in
+gateway_shared_limits_errors_total): the limiter never fails a request on its own account.
+
+The bound on waiting chats stays per task: it protects this task's own capacity (the chats
+it holds open while they queue for the generator), which no other task shares.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import time
+import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from prometheus_client import Counter, Gauge
 
 from services.common.errors import APIError
+from services.common.protocol import RequestTokenRequest, StreamLeaseRequest
+from services.gateway.upstream import RetrieverClient
+
+logger = logging.getLogger(__name__)
 
 CHATS_WAITING = Gauge(
     "gateway_chats_waiting", "Chats admitted that the generator has not begun to answer"
 )
 CHATS_SHED = Counter("gateway_chats_shed_total", "Chats answered 503 because too many were waiting")
+SHARED_LIMITS_ERRORS = Counter(
+    "gateway_shared_limits_errors_total",
+    "Calls to the shared limits store that failed or timed out: a request or stream counted "
+    "by this task alone, or a release that leaves its lease to expire",
+    ["call"],
+)
+RELEASE_TIMEOUT_S = 5.0  # a release is off the request path: it may wait longer than a check
+RELEASE_ATTEMPTS = 2
+SHUTDOWN_WAIT_S = 5.0  # for releases still under way when the task stops
+
+T = TypeVar("T")
+
+
+class SharedLimitsUnavailable(RuntimeError):
+    """The shared store did not answer in time, or answered nonsense."""
+
+
+def rate_limited(wait_s: float) -> APIError:
+    return APIError(
+        429,
+        "rate limit exceeded",
+        code="rate_limited",
+        headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
+    )
+
+
+def too_many_streams(max_streams: int) -> APIError:
+    return APIError(
+        429,
+        f"at most {max_streams} chat completions at once",
+        code="too_many_streams",
+        headers={"Retry-After": "1"},
+    )
+
+
+class SharedLimits:
+    """The per-user counts in the retriever's database; a call that fails or takes longer than
+    timeout_s raises SharedLimitsUnavailable."""
+
+    def __init__(self, retriever: RetrieverClient, timeout_s: float, lease_s: float) -> None:
+        self.retriever = retriever
+        self.timeout_s = timeout_s
+        self.lease_s = lease_s
+
+    async def _call(self, call: Awaitable[T], timeout_s: float) -> T:
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await call
+        except Exception as exc:  # whatever went wrong there, the caller counts locally
+            raise SharedLimitsUnavailable(str(exc) or type(exc).__name__) from exc
+
+    async def take_request(self, user: str, per_minute: float, burst: int) -> float | None:
+        """None when the user's request is admitted, else the seconds until their next token."""
+
+        async def take() -> float | None:
+            body = RequestTokenRequest(per_minute=per_minute, burst=burst)
+            result = await self.retriever.take_request_token(user, body)
+            return None if result.admitted else result.retry_after_s
+
+        return await self._call(take(), self.timeout_s)
+
+    async def acquire_stream(self, user: str, lease_id: uuid.UUID, max_streams: int) -> bool:
+        """Whether the user was under max_streams live leases and now holds lease_id."""
+
+        async def acquire() -> bool:
+            body = StreamLeaseRequest(
+                lease_id=lease_id, max_streams=max_streams, lease_s=self.lease_s
+            )
+            return (await self.retriever.acquire_stream_lease(user, body)).admitted
+
+        return await self._call(acquire(), self.timeout_s)
+
+    async def release_stream(self, user: str, lease_id: uuid.UUID) -> None:
+        """Give the lease back; holds even if its acquire has not reached the database yet."""
+        await self._call(
+            self.retriever.release_stream_lease(user, lease_id, self.lease_s), RELEASE_TIMEOUT_S
+        )
 
 
 @dataclass
@@ -28,19 +122,44 @@ class _Bucket:
 
 
 class RateLimiter:
+    """Per-user limits, counted in this task or, with shared set, in the shared store (this
+    task's counts standing in whenever that fails)."""
+
     def __init__(
-        self, per_minute: float, burst: int, max_streams: int, max_users: int = 100_000
+        self,
+        per_minute: float,
+        burst: int,
+        max_streams: int,
+        max_users: int = 100_000,
+        shared: SharedLimits | None = None,
     ) -> None:
+        self.per_minute = per_minute
         self.rate = per_minute / 60.0
         self.burst = burst
         self.max_streams = max_streams
         self.max_users = max_users
+        self.shared = shared
         self._buckets: dict[str, _Bucket] = {}
         self._streams: dict[str, int] = {}
+        self._releases: set[asyncio.Task[None]] = set()
+        self._store_down = False
         self.waiting_chats = 0
 
-    def check(self, user: str) -> None:
+    async def check(self, user: str) -> None:
         """Take one request's token, or answer 429 saying when the next one comes."""
+        if self.shared is not None:
+            try:
+                wait_s = await self.shared.take_request(user, self.per_minute, self.burst)
+            except SharedLimitsUnavailable as exc:
+                self._store_failed("request", exc)
+            else:
+                self._store_answered()
+                if wait_s is not None:
+                    raise rate_limited(wait_s)
+                return
+        self._check_local(user)
+
+    def _check_local(self, user: str) -> None:
         now = time.monotonic()
         bucket = self._buckets.get(user)
         if bucket is None:
@@ -53,35 +172,49 @@ class RateLimiter:
         bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
         bucket.updated = now
         if bucket.tokens < 1:
-            wait = math.ceil((1 - bucket.tokens) / self.rate)
-            raise APIError(
-                429, "rate limit exceeded", code="rate_limited", headers={"Retry-After": str(wait)}
-            )
+            raise rate_limited((1 - bucket.tokens) / self.rate)
         bucket.tokens -= 1
 
-    def open_stream(self, user: str) -> None:
+    async def open_stream(self, user: str) -> uuid.UUID | None:
+        """Take one of the user's stream slots, or answer 429: a shared lease (its id), or
+        this task's count (None) when there is no shared store or it failed."""
+        if self.shared is not None:
+            lease_id = uuid.uuid4()
+            try:
+                admitted = await self.shared.acquire_stream(user, lease_id, self.max_streams)
+            except SharedLimitsUnavailable as exc:
+                self._store_failed("stream", exc)
+                self._release_later(user, lease_id)  # in case the acquire lands after all
+            except BaseException:
+                self._release_later(user, lease_id)  # cancelled: it may have been taken
+                raise
+            else:
+                self._store_answered()
+                if not admitted:
+                    raise too_many_streams(self.max_streams)
+                return lease_id
         if self._streams.get(user, 0) >= self.max_streams:
-            raise APIError(
-                429,
-                f"at most {self.max_streams} chat completions at once",
-                code="too_many_streams",
-                headers={"Retry-After": "1"},
-            )
+            raise too_many_streams(self.max_streams)
         self._streams[user] = self._streams.get(user, 0) + 1
+        return None
 
-    def close_stream(self, user: str) -> None:
+    def close_stream(self, user: str, lease_id: uuid.UUID | None) -> None:
+        """Give back what open_stream took (a shared lease goes back in the background)."""
+        if lease_id is not None:
+            self._release_later(user, lease_id)
+            return
         left = self._streams.get(user, 1) - 1
         if left > 0:
             self._streams[user] = left
         else:
             self._streams.pop(user, None)
 
-    def admit_chat(self, user: str, max_waiting: int, retry_after_s: int) -> ChatAdmission:
+    async def admit_chat(self, user: str, max_waiting: int, retry_after_s: int) -> ChatAdmission:
         """Take the user's stream slot and a place among the chats waiting for the generator,
         or answer at once: 429 over the user's own cap, 503 when max_waiting chats wait."""
-        self.open_stream(user)
+        lease_id = await self.open_stream(user)
         if self.waiting_chats >= max_waiting:
-            self.close_stream(user)
+            self.close_stream(user, lease_id)
             CHATS_SHED.inc()
             raise APIError(
                 503,
@@ -91,15 +224,59 @@ class RateLimiter:
             )
         self.waiting_chats += 1
         CHATS_WAITING.set(self.waiting_chats)
-        return ChatAdmission(self, user)
+        return ChatAdmission(self, user, lease_id)
+
+    def _release_later(self, user: str, lease_id: uuid.UUID) -> None:
+        task = asyncio.get_running_loop().create_task(self._release(user, lease_id))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release(self, user: str, lease_id: uuid.UUID) -> None:
+        assert self.shared is not None
+        for attempt in range(1, RELEASE_ATTEMPTS + 1):
+            try:
+                await self.shared.release_stream(user, lease_id)
+                return
+            except SharedLimitsUnavailable as exc:
+                if attempt == RELEASE_ATTEMPTS:
+                    SHARED_LIMITS_ERRORS.labels("release").inc()
+                    logger.warning(
+                        "a stream lease was not released (%s); it stops counting after "
+                        "GATEWAY_STREAM_LEASE_S",
+                        exc,
+                    )
+                    return
+                await asyncio.sleep(0.5)
+
+    async def aclose(self) -> None:
+        """Let releases under way finish (for a while) before the retriever client closes."""
+        if self._releases:
+            _, late = await asyncio.wait(set(self._releases), timeout=SHUTDOWN_WAIT_S)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+    def _store_failed(self, call: str, exc: Exception) -> None:
+        SHARED_LIMITS_ERRORS.labels(call).inc()
+        if not self._store_down:
+            self._store_down = True
+            logger.warning(
+                "the shared limits store failed (%s); counting in this task until it answers",
+                exc,
+            )
+
+    def _store_answered(self) -> None:
+        if self._store_down:
+            self._store_down = False
+            logger.info("the shared limits store answers again")
 
 
 class ChatAdmission:
     """One admitted chat: its user's stream slot for as long as it runs, and a place among
     the waiting chats until the generator begins to answer. Each is given back once."""
 
-    def __init__(self, limiter: RateLimiter, user: str) -> None:
-        self._limiter, self._user = limiter, user
+    def __init__(self, limiter: RateLimiter, user: str, lease_id: uuid.UUID | None) -> None:
+        self._limiter, self._user, self._lease_id = limiter, user, lease_id
         self._waiting = self._open = True
 
     def answered(self) -> None:
@@ -114,4 +291,4 @@ class ChatAdmission:
         self.answered()
         if self._open:
             self._open = False
-            self._limiter.close_stream(self._user)
+            self._limiter.close_stream(self._user, self._lease_id)

@@ -30,6 +30,16 @@ class GatewaySettings(InternalAuthSettings):
     rate_limit_per_minute: float = 120.0  # per user, token bucket
     rate_limit_burst: int = 30
     max_concurrent_streams: int = 4  # chat completions in progress per user
+    # Where those per-user counts live: "local", this task's memory (one gateway task: `make
+    # up`); "shared", the retriever's database, which every gateway task asks (several tasks
+    # behind the load balancer: the AWS deployment), so N tasks still allow one rate, not N.
+    # A shared call that fails or takes longer than limits_timeout_s counts that request in
+    # this task alone.
+    limits_store: Literal["local", "shared"] = "local"
+    limits_timeout_s: float = Field(0.5, gt=0)
+    # A chat's shared stream slot is a lease of this long: a stream older than this stops
+    # counting, and the slots of a task that died mid-stream come back after it.
+    stream_lease_s: float = Field(600.0, gt=0, le=86_400)
     # Across users: chats admitted that the generator has not begun to answer (retrieval,
     # prompt, the engine's queue: a streamed chat until its first event, one not streamed
     # until it is sent, after which the generator's own bound answers 429). Past it a chat
@@ -42,6 +52,10 @@ class GatewaySettings(InternalAuthSettings):
     max_waiting_chats: int = Field(16, ge=1)
     overloaded_retry_after_s: int = Field(2, ge=1)  # Retry-After of that 503
 
+    # Dependencies whose failure /readyz reports as `degraded` but still answers 200: the AWS
+    # deployment names the generator, which may be scaled to zero on a schedule, so the load
+    # balancer keeps the gateways (documents and search work; chat answers 503 meanwhile).
+    readiness_optional: list[Literal["retriever", "generator"]] = []
     retriever_url: str = "http://127.0.0.1:8001"
     generator_url: str = "http://127.0.0.1:8003"
     max_upload_bytes: int = 10 * 1024 * 1024

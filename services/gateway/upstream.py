@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 import httpx
 from fastapi import Response
 
 from services.common.errors import APIError, upstream_error
-from services.common.protocol import ModelList
+from services.common.protocol import (
+    ModelList,
+    RequestTokenRequest,
+    RequestTokenResult,
+    StreamLeaseRequest,
+    StreamLeaseResult,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +123,29 @@ class RetrieverClient:
     async def search(self, tenant: str, body: dict[str, Any]) -> list[dict[str, Any]]:
         resp = await self.request("POST", "/search", tenant, json=body)
         return list(resp.json()["data"])
+
+    # Per-user limits kept in the retriever's database (services/retriever/limits.py).
+
+    async def take_request_token(
+        self, tenant: str, body: RequestTokenRequest
+    ) -> RequestTokenResult:
+        resp = await self.request(
+            "POST", "/limits/requests", tenant, json=body.model_dump(mode="json")
+        )
+        return RequestTokenResult.model_validate_json(resp.content)
+
+    async def acquire_stream_lease(
+        self, tenant: str, body: StreamLeaseRequest
+    ) -> StreamLeaseResult:
+        resp = await self.request(
+            "POST", "/limits/streams", tenant, json=body.model_dump(mode="json")
+        )
+        return StreamLeaseResult.model_validate_json(resp.content)
+
+    async def release_stream_lease(self, tenant: str, lease_id: uuid.UUID, lease_s: float) -> None:
+        await self.request(
+            "DELETE", f"/limits/streams/{lease_id}", tenant, params={"lease_s": lease_s}
+        )
 
 
 def relay(resp: httpx.Response) -> Response:

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from services.common.errors import install_error_handlers
 from services.common.observability import install_observability
 from services.common.relay import EngineClient
+from services.generator.cloudwatch import QueueMetricsPublisher
 from services.generator.engines import make_engine
 from services.generator.routes import router
 from services.generator.serving import EngineSlots
@@ -42,9 +43,18 @@ def create_app(settings: GeneratorSettings) -> FastAPI:
             app.state.engine_ready = True
 
         starting = asyncio.create_task(start_engine())
+        publishing = None
+        if settings.cloudwatch_metrics_interval_s > 0:
+            publisher = QueueMetricsPublisher(
+                settings, engine.base_url, app.state.slots, lambda: app.state.engine_ready
+            )
+            publishing = asyncio.create_task(publisher.run())
         try:
             yield
         finally:
+            if publishing is not None:
+                publishing.cancel()
+                await asyncio.wait([publishing])
             await app.state.client.aclose()
             if not starting.done():
                 await asyncio.wait([starting])

@@ -74,6 +74,9 @@ class LlamaCppEngine:
         params.port = self.port
         params.n_parallel = self.settings.parallel
         params.n_ctx = self.settings.ctx_per_slot * self.settings.parallel
+        # /metrics (llama-server's --metrics): its queue gauges feed services/generator/
+        # cloudwatch.py. The server listens on loopback only.
+        params.endpoint_metrics = True
         if self.settings.threads > 0:
             params.cpuparams.n_threads = self.settings.threads
             params.cpuparams_batch.n_threads = self.settings.threads

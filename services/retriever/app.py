@@ -15,7 +15,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.common.errors import install_error_handlers
 from services.common.observability import install_observability
-from services.retriever import schema
+from services.retriever import limits, schema
 from services.retriever.embedded_pg import start_embedded_postgres, stop_embedded_postgres
 from services.retriever.embedder_client import EmbedderClient
 from services.retriever.ingest import Ingestor
@@ -64,6 +64,10 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
         if not admin_url:
             server, admin_url = start_embedded_postgres(settings.data_dir)
             app_url = make_conninfo(admin_url, user=settings.app_role)
+        app_password = settings.app_login_password
+        if app_password is not None:
+            # migrate makes the login; the rest of the owner's URL (host, TLS) is kept.
+            app_url = make_conninfo(admin_url, user=settings.app_role, password=app_password)
         embedder = EmbedderClient(settings.embedder_url)
         try:
             info = await embedder.wait_for_info(settings.embedder_wait_s)
@@ -76,6 +80,7 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
                 settings.hnsw_m,
                 settings.hnsw_ef_construction,
                 app_url is None,
+                app_password,
             )
             if app_url is None:
                 logger.warning(
@@ -131,4 +136,5 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
 
     install_observability(app, "retriever", {"database": database_ready})
     app.include_router(router)
+    app.include_router(limits.router)
     return app

@@ -112,6 +112,106 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX ingest_jobs_user_due ON ingest_jobs (user_id, run_after);
     """,
+    # Per-user limits every gateway task shares (services/retriever/limits.py): a request
+    # token bucket and chat stream leases per user. Not tenant data: outside row-level
+    # security, reached only through the service-token routes. The gateway picks the lease
+    # ids, so a release that overtakes its acquire leaves a released row the acquire keeps.
+    # Each function commits without waiting for its WAL flush (synchronous_commit off for
+    # its transaction): a crash may forget the last few counts, which costs a user nothing
+    # worse than a request or a slot more (or a slot held until its lease ends).
+    """
+    CREATE TABLE rate_buckets (
+        user_id text PRIMARY KEY CHECK (user_id <> ''),
+        tokens double precision NOT NULL,
+        updated_at timestamptz NOT NULL
+    );
+    CREATE TABLE stream_leases (
+        id uuid PRIMARY KEY,
+        user_id text NOT NULL CHECK (user_id <> ''),
+        expires_at timestamptz NOT NULL,
+        released boolean NOT NULL DEFAULT false
+    );
+    CREATE INDEX stream_leases_user ON stream_leases (user_id, expires_at);
+    CREATE INDEX stream_leases_expiry ON stream_leases (expires_at);
+
+    -- Take one token from the user's bucket, refilled by the time elapsed on the database
+    -- clock: 0 when taken, else the seconds until the next token. The row lock serializes
+    -- one user's requests; other users' rows are never waited on.
+    CREATE FUNCTION limits_take_request(
+        p_user text, p_per_second double precision, p_burst double precision
+    ) RETURNS double precision LANGUAGE plpgsql AS $$
+    DECLARE
+        v_tokens double precision;
+        v_updated timestamptz;
+        v_now timestamptz;
+    BEGIN
+        PERFORM set_config('synchronous_commit', 'off', true);
+        SELECT tokens, updated_at INTO v_tokens, v_updated
+            FROM rate_buckets WHERE user_id = p_user FOR UPDATE;
+        IF NOT FOUND THEN
+            INSERT INTO rate_buckets (user_id, tokens, updated_at)
+                VALUES (p_user, p_burst - 1, clock_timestamp())
+                ON CONFLICT (user_id) DO NOTHING;
+            IF FOUND THEN
+                RETURN 0;
+            END IF;
+            -- A concurrent first request made the row: wait for it like any other.
+            SELECT tokens, updated_at INTO v_tokens, v_updated
+                FROM rate_buckets WHERE user_id = p_user FOR UPDATE;
+        END IF;
+        v_now := clock_timestamp();  -- read after the lock: the holder's update is in
+        v_tokens := least(p_burst, v_tokens
+            + greatest(0, extract(epoch FROM v_now - v_updated)::double precision)
+            * p_per_second);
+        IF v_tokens < 1 THEN
+            RETURN (1 - v_tokens) / p_per_second;  -- unchanged: refilling later is the same
+        END IF;
+        UPDATE rate_buckets SET tokens = v_tokens - 1, updated_at = v_now
+            WHERE user_id = p_user;
+        RETURN 0;
+    END $$;
+
+    -- Take a stream lease while the user's live leases are under the cap; one acquire per
+    -- user at a time (a transaction-scoped advisory lock on the user). A few leases past
+    -- their time, anyone's, are deleted on the way.
+    CREATE FUNCTION limits_acquire_stream(
+        p_user text, p_lease uuid, p_cap integer, p_lease_s double precision
+    ) RETURNS boolean LANGUAGE plpgsql AS $$
+    DECLARE
+        v_live integer;
+    BEGIN
+        PERFORM set_config('synchronous_commit', 'off', true);
+        PERFORM pg_advisory_xact_lock(hashtextextended(p_user, 0));
+        SELECT count(*) INTO v_live FROM stream_leases
+            WHERE user_id = p_user AND expires_at > clock_timestamp() AND NOT released;
+        IF v_live >= p_cap THEN
+            RETURN false;
+        END IF;
+        INSERT INTO stream_leases (id, user_id, expires_at)
+            VALUES (p_lease, p_user, clock_timestamp() + make_interval(secs => p_lease_s))
+            ON CONFLICT (id) DO NOTHING;
+        DELETE FROM stream_leases WHERE id IN (
+            SELECT id FROM stream_leases WHERE expires_at < clock_timestamp()
+            ORDER BY expires_at LIMIT 16 FOR UPDATE SKIP LOCKED);
+        RETURN true;
+    END $$;
+
+    -- Give a lease back. One that has not come yet (its acquire still on the way) is
+    -- recorded as released until the lease's time, so the late acquire takes nothing.
+    CREATE FUNCTION limits_release_stream(
+        p_user text, p_lease uuid, p_lease_s double precision
+    ) RETURNS void LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM set_config('synchronous_commit', 'off', true);
+        INSERT INTO stream_leases (id, user_id, expires_at, released)
+            VALUES (p_lease, p_user, clock_timestamp() + make_interval(secs => p_lease_s), true)
+            ON CONFLICT (id) DO UPDATE SET released = true
+            WHERE stream_leases.user_id = EXCLUDED.user_id;
+    END $$;
+    REVOKE ALL ON FUNCTION limits_take_request(text, double precision, double precision),
+        limits_acquire_stream(text, uuid, integer, double precision),
+        limits_release_stream(text, uuid, double precision) FROM PUBLIC;
+    """,
 ]
 
 
@@ -131,9 +231,11 @@ def migrate(
     hnsw_m: int = 16,
     hnsw_ef_construction: int = 64,
     owner_sets_role: bool = False,
+    app_password: str | None = None,
 ) -> None:
     """Apply pending migrations under an advisory lock, check the embedding model, set up
-    the application role and the HNSW index options. Safe to run concurrently and twice."""
+    the application role (a login with app_password, when given) and the HNSW index
+    options. Safe to run concurrently and twice."""
     with psycopg.connect(url, autocommit=True) as conn:
         version = conn.execute("SHOW server_version_num").fetchone()
         if version is None or int(version[0]) < MIN_SERVER_VERSION:
@@ -156,7 +258,7 @@ def migrate(
                     )
                 logger.info("applied schema migration %d", version_no)
             _check_embedding_config(conn, model, dimension)
-            _grant_app_role(conn, app_role, owner_sets_role)
+            _grant_app_role(conn, app_role, owner_sets_role, app_password)
             _set_hnsw_options(conn, hnsw_m, hnsw_ef_construction)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (ADVISORY_LOCK,))
@@ -188,7 +290,9 @@ def _check_embedding_config(conn: psycopg.Connection, model: str, dimension: int
         )
 
 
-def _grant_app_role(conn: psycopg.Connection, app_role: str, owner_sets_role: bool) -> None:
+def _grant_app_role(
+    conn: psycopg.Connection, app_role: str, owner_sets_role: bool, password: str | None = None
+) -> None:
     """The role the service queries as: not the owner, not a superuser, bound by RLS."""
     role = sql.Identifier(app_role)
     exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (app_role,)).fetchone()
@@ -211,6 +315,8 @@ def _grant_app_role(conn: psycopg.Connection, app_role: str, owner_sets_role: bo
             f"the application role {app_role} is a superuser or bypasses row-level security; "
             "use a plain role so that tenant isolation holds"
         )
+    if password is not None:
+        _set_login_password(conn, app_role, password)
     database = conn.execute("SELECT current_database()").fetchone()
     assert database is not None
     for statement in (
@@ -218,6 +324,11 @@ def _grant_app_role(conn: psycopg.Connection, app_role: str, owner_sets_role: bo
         "GRANT SELECT, INSERT, UPDATE, DELETE ON documents, chunks, ingest_jobs TO {role}",
         "GRANT SELECT ON embedding_config, schema_migrations TO {role}",
         "GRANT USAGE ON SEQUENCE chunks_id_seq TO {role}",
+        # Per-user limits of the gateway tasks (no tenant data, no row-level security).
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON rate_buckets, stream_leases TO {role}",
+        "GRANT EXECUTE ON FUNCTION limits_take_request(text, double precision, "
+        "double precision), limits_acquire_stream(text, uuid, integer, double precision), "
+        "limits_release_stream(text, uuid, double precision) TO {role}",
         # Chunks are staged in a temporary table (COPY cannot write under RLS).
         "GRANT TEMPORARY ON DATABASE {database} TO {role}",
     ):
@@ -230,6 +341,26 @@ def _grant_app_role(conn: psycopg.Connection, app_role: str, owner_sets_role: bo
         ).fetchone()
         if member is not None and not member[0]:
             conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(role))
+
+
+def _set_login_password(conn: psycopg.Connection, app_role: str, password: str) -> None:
+    """Make app_role a login with this password (set again on every start: a rotated secret
+    takes effect at the next deploy). libpq hashes it here, as psql's \\password does, in
+    the server's password_encryption: the statement, which a server may log, carries a salted
+    verifier and never the password."""
+    verifier = conn.pgconn.encrypt_password(password.encode(), app_role.encode()).decode()
+    try:
+        conn.execute(
+            sql.SQL("ALTER ROLE {} WITH LOGIN PASSWORD {}").format(
+                sql.Identifier(app_role), sql.Literal(verifier)
+            )
+        )
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise UnsupportedDatabaseError(
+            f"the owner's login cannot set the password of {app_role} (it needs CREATEROLE "
+            "and, on PostgreSQL 16+, ADMIN OPTION on the role, which the role's creator has); "
+            "create the login yourself and set RETRIEVER_APP_DATABASE_URL"
+        ) from exc
 
 
 def _set_hnsw_options(conn: psycopg.Connection, m: int, ef_construction: int) -> None:

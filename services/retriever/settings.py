@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import SECRET_MIN_CHARS, InternalAuthSettings, read_secret_file
@@ -15,7 +15,10 @@ DEV_DATABASE_PASSWORDS = frozenset(
 
 
 class RetrieverSettings(InternalAuthSettings):
-    model_config = SettingsConfigDict(env_prefix="RETRIEVER_", extra="ignore")
+    # Errors show no input values: they would print the database passwords.
+    model_config = SettingsConfigDict(
+        env_prefix="RETRIEVER_", extra="ignore", hide_input_in_errors=True
+    )
 
     port: int = 8001
     # Any PostgreSQL >= 15 with pgvector, as the schema owner: migrations run with it.
@@ -26,6 +29,12 @@ class RetrieverSettings(InternalAuthSettings):
     app_database_url: str | None = None
     # When set, the password of both URLs is read from this file (a Docker or ECS secret).
     database_password_file: Path | None = None
+    # database_url's password, as ECS injects a Secrets Manager value (an env var, not a file).
+    database_password: SecretStr | None = None
+    # The password of app_role's login. With app_database_url: that URL's password. Without
+    # it: migrate makes app_role a LOGIN role with this password, and the service queries as
+    # app_role with it on database_url's server (AWS: the owner's and the app's secrets).
+    app_database_password: SecretStr | None = None
     app_role: str = Field("rag_app", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     data_dir: str = ".data/retriever"
     embedder_url: str = "http://127.0.0.1:8002"
@@ -66,22 +75,50 @@ class RetrieverSettings(InternalAuthSettings):
             raise ValueError("chunk_overlap_tokens must be under half of chunk_tokens")
         return self
 
+    @property
+    def app_login_password(self) -> str | None:
+        """The password migrate gives app_role's login: set when the service makes the login
+        itself (an app password and no app_database_url)."""
+        if self.app_database_password is None or self.app_database_url:
+            return None
+        return self.app_database_password.get_secret_value()
+
     @model_validator(mode="after")
     def _database_password(self) -> RetrieverSettings:
-        """Put the password file's secret into the URLs; in prod, refuse a URL whose password
-        is short or one of the well-known development ones."""
+        """Put the password file's or the env vars' secrets into the URLs; in prod, refuse a
+        password that is short or one of the well-known development ones."""
+        if self.database_password_file is not None and (
+            self.database_password is not None
+            or (self.app_database_password is not None and self.app_database_url)
+        ):
+            raise ValueError(
+                "set the database password either in RETRIEVER_DATABASE_PASSWORD_FILE or in "
+                "RETRIEVER_DATABASE_PASSWORD / RETRIEVER_APP_DATABASE_PASSWORD, not both"
+            )
+        if self.database_password is not None and not self.database_url:
+            raise ValueError("RETRIEVER_DATABASE_PASSWORD needs RETRIEVER_DATABASE_URL")
         if self.database_password_file is not None:
             password = read_secret_file(self.database_password_file, "database_password")
             if self.database_url:
                 self.database_url = make_conninfo(self.database_url, password=password)
             if self.app_database_url:
                 self.app_database_url = make_conninfo(self.app_database_url, password=password)
+        if self.database_password is not None and self.database_url:
+            self.database_url = make_conninfo(
+                self.database_url, password=self.database_password.get_secret_value()
+            )
+        if self.app_database_password is not None and self.app_database_url:
+            self.app_database_url = make_conninfo(
+                self.app_database_url, password=self.app_database_password.get_secret_value()
+            )
         if self.profile == "prod":
+            given: list[object] = [self.app_login_password]
             for url in (self.database_url, self.app_database_url):
-                given = conninfo_to_dict(url).get("password") if url else None
-                if given is not None and (
-                    len(str(given)) < SECRET_MIN_CHARS
-                    or str(given).lower() in DEV_DATABASE_PASSWORDS
+                given.append(conninfo_to_dict(url).get("password") if url else None)
+            for secret in given:
+                if secret is not None and (
+                    len(str(secret)) < SECRET_MIN_CHARS
+                    or str(secret).lower() in DEV_DATABASE_PASSWORDS
                 ):
                     raise ValueError(
                         "the database password must be a secret of at least "
