@@ -67,19 +67,20 @@ test-compose: $(STAMP)
 	$(PY) -m pytest -m compose -s tests/compose
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check services ragctl tests benchmarks
-	$(VENV)/bin/ruff format --check services ragctl tests benchmarks
+	$(VENV)/bin/ruff check services ragctl tests benchmarks deploy/aws
+	$(VENV)/bin/ruff format --check services ragctl tests benchmarks deploy/aws
 	$(VENV)/bin/mypy
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format services ragctl tests benchmarks
-	$(VENV)/bin/ruff check --fix services ragctl tests benchmarks
+	$(VENV)/bin/ruff format services ragctl tests benchmarks deploy/aws
+	$(VENV)/bin/ruff check --fix services ragctl tests benchmarks deploy/aws
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_embedder.py
 	$(PY) benchmarks/bench_generator.py
 	$(PY) benchmarks/bench_chat.py
 	$(PY) benchmarks/bench_retriever.py
+	$(PY) benchmarks/bench_limits.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .data .pytest_cache
