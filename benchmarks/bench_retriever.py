@@ -1,12 +1,22 @@
-"""Retriever: HNSW vs exact search, per-tenant filtered search, ingestion vs the embedder.
+"""Retriever: HNSW vs exact search, per-tenant filtered search, hybrid vs vector search,
+ingestion vs the embedder.
 
 1. Index: 100k synthetic 384-d vectors (clustered, low intrinsic dimension, like sentence
    embeddings), HNSW at the service's default m / ef_construction / ef_search against an
    exact scan in the same database: recall@10 (against numpy brute force) and QPS ratio.
+   Each row carries real text, 3 to 6 SciFact sentences drawn with a fixed seed (generated
+   text without ../shared/data), indexed for BM25 as ingestion indexes it.
 2. Tenants: the same rows spread over 100 tenants (1% each, interleaved), searched the way
    the service does (application role, row-level security, iterative index scans) against
    the same query forced to an exact scan: recall@10, how often k rows come back, QPS.
-3. Ingestion: SciFact abstracts (../shared/data, or generated text without it) uploaded to a
+3. Hybrid: `vector` vs `text` (BM25) vs `hybrid` (both at once on two pooled connections,
+   fused as the search route fuses them) through the same Store methods, SciFact claims as
+   the text queries, interleaved query by query: p50/p95 latency, results returned, the
+   ratio hybrid / vector p50 (issue 15's target: at most 1.5), BM25's graph against exact
+   BM25. Over the 100 tenants, then with all rows in one tenant (BM25's harder case: one
+   tenant's statistics and graph span every row). Query vectors are synthetic, so no mode
+   includes embedding the query (the route's hybrid overlaps BM25 with it).
+4. Ingestion: SciFact abstracts (../shared/data, or generated text without it) uploaded to a
    real retriever + embedder, chunks/s until all are ready, against the embedder's own
    chunks/s on the same chunk texts; rounds alternate. Then HNSW vs exact on those real
    chunk embeddings with SciFact claims as queries.
@@ -20,6 +30,7 @@ import base64
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -32,6 +43,7 @@ from typing import Any
 import httpx
 import numpy as np
 import psycopg
+from pgvector import Vector
 from pgvector.psycopg import register_vector
 from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool
@@ -46,7 +58,13 @@ from services.retriever.embedded_pg import (  # noqa: E402
     stop_embedded_postgres,
 )
 from services.retriever.settings import RetrieverSettings  # noqa: E402
-from services.retriever.store import Store, prepare_connection  # noqa: E402
+from services.retriever.store import (  # noqa: E402
+    BM25_QUERY,
+    Store,
+    fuse_rankings,
+    fuse_scores,
+    prepare_connection,
+)
 
 SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
 DIM = 384
@@ -87,29 +105,105 @@ def compare(
     return out
 
 
-def load_rows(url: str, vectors: np.ndarray, tenants: int) -> None:
-    """Chunks of one document per tenant, row i in tenant i % tenants; index built after."""
+def sentences() -> list[str]:
+    """SciFact's sentences (the generated text without it): realistic term frequencies."""
+    docs, _, _ = scifact_docs()
+    split = re.compile(r"(?<=[.!?])\s+(?=[A-Za-z0-9(])")
+    return [s for d in docs for s in split.split(d["text"]) if len(s.split()) >= 3]
+
+
+def chunk_texts(n: int, seed: int) -> list[str]:
+    """n chunk texts of 3 to 6 sentences drawn at random (about 100 words, a chunk's size)."""
+    pool, rng = sentences(), random.Random(seed)
+    return [" ".join(rng.choices(pool, k=rng.randint(3, 6))) for _ in range(n)]
+
+
+def query_texts(n: int) -> list[str]:
+    """n search queries: SciFact claims (generated questions without it), cycled."""
+    _, queries, _ = scifact_docs()
+    return [queries[i % len(queries)] for i in range(n)]
+
+
+CHUNKS_PER_DOCUMENT = 10
+# Indexes built after the load (faster than maintained row by row): the embeddings' graph
+# (build_index), and these, rebuilt from their own definitions.
+REBUILT_AFTER_LOAD = ("chunks_bm25_hnsw", "chunks_tsv")
+# The staged rows into chunks as INSERT_STAGED_CHUNKS writes them (store.py): text indexed
+# with the document's title and heading, its BM25 length, and its term weights normalised by
+# the tenant's average length, here its final one (the whole load is one statement); these
+# chunks have no heading. The statement triggers fill bm25_stats / bm25_terms from it.
+INSERT_LOADED = """
+    WITH indexed AS MATERIALIZED (
+        SELECT s.id, s.document_id, s.user_id, s.ordinal, s.text, s.embedding,
+               to_tsvector('english', d.title || ' ' || s.text) AS tsv
+        FROM chunk_load s JOIN documents d ON d.id = s.document_id
+    ), measured AS MATERIALIZED (
+        SELECT *, bm25_length(tsv) AS length FROM indexed
+    ), average AS (
+        SELECT user_id, avg(length)::double precision AS length FROM measured GROUP BY 1
+    )
+    INSERT INTO chunks (id, document_id, user_id, ordinal, text, embedding, tsv, bm25_length,
+                        bm25)
+    SELECT m.id, m.document_id, m.user_id, m.ordinal, m.text, m.embedding, m.tsv, m.length,
+           bm25_vector(m.tsv, a.length)
+    FROM measured m JOIN average a ON a.user_id = m.user_id
+"""
+
+
+def load_rows(url: str, vectors: np.ndarray, texts: list[str], tenants: int) -> dict[str, float]:
+    """Row i in tenant i % tenants, with row i's text; a tenant's rows in documents of
+    CHUNKS_PER_DOCUMENT, each titled like a SciFact abstract (a title is indexed with each of
+    its chunks). The indexes built after (the embeddings' by build_index); returns the
+    seconds taken."""
+    seconds: dict[str, float] = {}
+    titles, rng = [d["title"] for d in scifact_docs()[0]], random.Random(17)
     with psycopg.connect(url, autocommit=True) as conn:
         register_vector(conn)
+        conn.execute("SET maintenance_work_mem = '1GB'")
         conn.execute("DROP INDEX chunks_embedding_hnsw")
-        docs = []
-        for t in range(tenants):
-            doc_id = uuid.UUID(int=t + 1)
-            docs.append(doc_id)
-            conn.execute(
-                "INSERT INTO documents (id, user_id, title, content_hash, media_type, status) "
-                "VALUES (%s, %s, %s, %s, 'text/plain', 'ready')",
-                (doc_id, f"t{t:03d}", f"doc {t}", f"h{t}"),
+        rebuilt = [
+            (row[0], row[1])
+            for row in conn.execute(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'chunks' "
+                "AND indexname = ANY(%s)",
+                (list(REBUILT_AFTER_LOAD),),
             )
+        ]
+        for name in REBUILT_AFTER_LOAD:
+            conn.execute(f"DROP INDEX IF EXISTS {name}")
+        start_t = time.perf_counter()
+        per_tenant = -(-len(vectors) // tenants)
         with conn.cursor().copy(
-            "COPY chunks (id, document_id, user_id, ordinal, text, embedding) "
-            "FROM STDIN WITH (FORMAT BINARY)"
+            "COPY documents (id, user_id, title, content_hash, media_type, status) FROM STDIN"
         ) as copy:
-            copy.set_types(["int8", "uuid", "text", "int4", "text", "vector"])
-            for i, vector in enumerate(vectors):
-                t = i % tenants
-                copy.write_row((i, docs[t], f"t{t:03d}", i // tenants, f"chunk {i}", vector))
-        conn.execute("ANALYZE documents, chunks")
+            for t in range(tenants):
+                for j in range(-(-per_tenant // CHUNKS_PER_DOCUMENT)):
+                    doc = (uuid.UUID(int=(t << 32) + j + 1), f"t{t:03d}", rng.choice(titles))
+                    copy.write_row((*doc, f"h{t}-{j}", "text/plain", "ready"))
+        with conn.transaction():
+            conn.execute(
+                "CREATE TEMP TABLE chunk_load (id bigint, document_id uuid, user_id text, "
+                "ordinal integer, text text, embedding vector) ON COMMIT DROP"
+            )
+            with conn.cursor().copy(
+                "COPY chunk_load (id, document_id, user_id, ordinal, text, embedding) "
+                "FROM STDIN WITH (FORMAT BINARY)"
+            ) as copy:
+                copy.set_types(["int8", "uuid", "text", "int4", "text", "vector"])
+                for i, (vector, text) in enumerate(zip(vectors, texts, strict=True)):
+                    t, j = i % tenants, i // tenants  # row i is the tenant's j-th
+                    doc_id = uuid.UUID(int=(t << 32) + j // CHUNKS_PER_DOCUMENT + 1)
+                    ordinal = j % CHUNKS_PER_DOCUMENT
+                    copy.write_row((i, doc_id, f"t{t:03d}", ordinal, text, vector))
+            conn.execute("ANALYZE chunk_load")  # else the join to documents is planned blind
+            conn.execute(INSERT_LOADED)
+        seconds["rows_s"] = time.perf_counter() - start_t
+        conn.execute("ANALYZE documents, chunks, bm25_stats, bm25_terms")
+        for name, definition in rebuilt:
+            start_t = time.perf_counter()
+            conn.execute(definition)
+            seconds[f"{name}_build_s"] = time.perf_counter() - start_t
+    return seconds
 
 
 def build_index(url: str, settings: RetrieverSettings) -> float:
@@ -291,6 +385,127 @@ def real_side_by_side(admin_url: str, queries: np.ndarray, ef_search: int) -> di
     return {**out, **compare(found, truth, seconds, len(queries))}
 
 
+# hybrid ----------------------------------------------------------------------------
+
+# hybrid_sequential: the same two searches one after the other (the route before it ran them
+# at once), to show what running them concurrently saves.
+MODES = ("vector", "text", "hybrid", "hybrid_sequential")
+# text_search's BM25 ranking (store.py), for a plan (ordered by the distance, which the
+# BM25 graph can serve) and for the exact top k (`+ 0`: no index orders by it, every row of
+# the tenant sharing a term is scored). Parameters: query, user x4, k.
+BM25_TOP = (
+    f"WITH {BM25_QUERY} SELECT c.id FROM chunks c JOIN documents d ON d.id = c.document_id "
+    "WHERE c.user_id = %s AND d.user_id = %s AND d.status = 'ready' "
+    "AND c.bm25 <#> (SELECT weights FROM q) < 0 ORDER BY {order} LIMIT %s"
+)
+BM25_GRAPH = BM25_TOP.replace("{order}", "c.bm25 <#> (SELECT weights FROM q)")
+BM25_EXACT = BM25_TOP.replace("{order}", "(c.bm25 <#> (SELECT weights FROM q)) + 0, c.id")
+
+
+def fuse(rankings: list[list[dict[str, Any]]], settings: RetrieverSettings) -> list[Any]:
+    """The search route's fusion of the two rankings (routes.py `search`, no reranker)."""
+    if settings.fusion == "score":
+        weights = [settings.fusion_vector_weight, 1 - settings.fusion_vector_weight]
+        return fuse_scores(rankings, K, weights)
+    return fuse_rankings(rankings, K, rrf_k=settings.rrf_k)
+
+
+def percentiles(ms: list[float]) -> dict[str, float]:
+    cuts = statistics.quantiles(ms, n=20, method="inclusive")
+    return {"p50_ms": statistics.median(ms), "p95_ms": cuts[18]}
+
+
+async def hybrid_side_by_side(
+    app_url: str,
+    texts: list[str],
+    vectors: np.ndarray,
+    names: list[str],
+    settings: RetrieverSettings,
+) -> dict[str, Any]:
+    """vector vs text vs hybrid, as the search route makes them (routes.py `search`): the
+    application role under row-level security, Store methods over a pool, iterative scans;
+    hybrid runs both searches at once on two connections for the route's candidate depth and
+    fuses them as the route does, with the service's settings. The query vectors are given
+    (synthetic), so the embedder's time, which the route's hybrid overlaps with BM25, is in
+    no mode. Modes take turns query by query, each one first as often as the others."""
+    depth, ef_search = max(K, settings.fusion_depth), settings.hnsw_ef_search
+    # Client and server share the machine's cores: hybrid overlaps only what other work
+    # leaves free, so say how busy it was.
+    busy = {"cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0]}
+    async with AsyncConnectionPool(
+        app_url,
+        min_size=2,
+        max_size=2,
+        configure=prepare_connection,
+        check=AsyncConnectionPool.check_connection,  # as the service's pool
+        kwargs={"autocommit": True, "prepare_threshold": None},
+    ) as pool:
+        store = Store(pool, ef_search=ef_search)
+
+        async def search(mode: str, name: str, text: str, vector: Vector) -> list[Any]:
+            if mode == "vector":
+                return await store.vector_search(name, vector, K, [], {})
+            if mode == "text":
+                return await store.text_search(name, text, K, [], {})
+            if mode == "hybrid_sequential":
+                return fuse(
+                    [
+                        await store.vector_search(name, vector, depth, [], {}),
+                        await store.text_search(name, text, depth, [], {}),
+                    ],
+                    settings,
+                )
+            async with asyncio.TaskGroup() as group:
+                by_vector = group.create_task(store.vector_search(name, vector, depth, [], {}))
+                by_text = group.create_task(store.text_search(name, text, depth, [], {}))
+            return fuse([by_vector.result(), by_text.result()], settings)
+
+        queries = list(zip(names, texts, map(Vector, vectors), strict=True))
+        for name, text, vector in queries[:10]:  # warm-up, not timed
+            for mode in MODES:
+                await search(mode, name, text, vector)
+        ms: dict[str, list[float]] = {mode: [] for mode in MODES}
+        counts: dict[str, list[int]] = {mode: [] for mode in MODES}
+        text_ids: list[set[int]] = []
+        for i, (name, text, vector) in enumerate(queries):
+            for mode in MODES[i % len(MODES) :] + MODES[: i % len(MODES)]:
+                start_t = time.perf_counter()
+                hits = await search(mode, name, text, vector)
+                ms[mode].append((time.perf_counter() - start_t) * 1000)
+                counts[mode].append(len(hits))
+                if mode == "text":
+                    text_ids.append({hit["chunk_id"] for hit in hits})
+        # The BM25 graph against scoring every row of the tenant, on a sample of the queries.
+        exact_ids = []
+        async with pool.connection() as conn, conn.transaction():
+            for name, text, _ in queries[:50]:
+                await conn.execute("SELECT set_config('app.user_id', %s, true)", (name,))
+                cur = await conn.execute(BM25_EXACT, (text, *[name] * 4, K))
+                exact_ids.append({row[0] for row in await cur.fetchall()})
+            await conn.execute(
+                "SELECT set_config('app.user_id', %s, true), set_config('hnsw.ef_search', %s, "
+                "true), set_config('hnsw.iterative_scan', 'relaxed_order', true)",
+                (names[0], str(max(ef_search, K))),
+            )
+            cur = await conn.execute(
+                "EXPLAIN (ANALYZE, COSTS OFF) " + BM25_GRAPH, (texts[0], *names[:1] * 4, K)
+            )
+            plan = [row[0] for row in await cur.fetchall()]
+    out: dict[str, Any] = {
+        mode: {**percentiles(ms[mode]), "mean_results": float(np.mean(counts[mode]))}
+        for mode in MODES
+    }
+    for mode in MODES:
+        out[mode]["k_results_share"] = float(np.mean([n == K for n in counts[mode]]))
+    out["text"]["recall_at_10_vs_exact_bm25"] = recall(text_ids[: len(exact_ids)], exact_ids)
+    out["text"]["plan_uses_hnsw"] = any("chunks_bm25_hnsw" in line for line in plan)
+    out["text"]["plan"] = plan  # of the first query, executed
+    out["hybrid_over_vector_p50"] = out["hybrid"]["p50_ms"] / out["vector"]["p50_ms"]
+    out["queries"] = len(queries)
+    out["fusion"] = {"method": settings.fusion, "depth": depth}
+    return {**out, **busy}
+
+
 # ingestion -------------------------------------------------------------------------
 
 
@@ -470,15 +685,16 @@ def ingestion(
     }
 
 
-def index_and_tenants(url: str, args: argparse.Namespace, settings: RetrieverSettings) -> dict:
+def index_and_tenants(
+    url: str, args: argparse.Namespace, settings: RetrieverSettings
+) -> dict[str, Any]:
     result: dict[str, Any] = {}
     index_url = make_conninfo(url, dbname="bench_index")
     schema.migrate(index_url, "synthetic-384", DIM)
     vectors = synthetic_vectors(args.vectors, seed=11)
     queries = synthetic_vectors(args.queries, seed=12)
-    start_t = time.perf_counter()
-    load_rows(index_url, vectors, args.tenants)
-    result["load_s"] = time.perf_counter() - start_t
+    texts, questions = chunk_texts(args.vectors, seed=13), query_texts(args.queries)
+    result["load"] = load_rows(index_url, vectors, texts, args.tenants)
     result["index_build_s"] = build_index(index_url, settings)
     truth = exact_top_k(vectors, queries, K)
     result["index"] = index_side_by_side(index_url, queries, truth, settings.hnsw_ef_search)
@@ -490,6 +706,12 @@ def index_and_tenants(url: str, args: argparse.Namespace, settings: RetrieverSet
     )
     result["tenants"]["selectivity"] = 1 / args.tenants
     print("tenants", json.dumps(result["tenants"]), file=sys.stderr)
+    names = [f"t{i % args.tenants:03d}" for i in range(args.queries)]
+    hybrid = asyncio.run(hybrid_side_by_side(app_url, questions, queries, names, settings))
+    result["hybrid"] = {
+        f"{args.tenants}_tenants": {"chunks_per_tenant": len(texts) // args.tenants, **hybrid}
+    }
+    print("hybrid", json.dumps(hybrid), file=sys.stderr)
     # The planner serves a 1% tenant from its own rows (exact). A tenant search that does
     # go through the HNSW graph (a big tenant, a generic plan) relies on iterative scans to
     # get past the first ef_search candidates, most of them other tenants' rows: force the
@@ -500,6 +722,22 @@ def index_and_tenants(url: str, args: argparse.Namespace, settings: RetrieverSet
     for name, iterative in (("graph_iterative", True), ("graph_no_iterative", False)):
         result[name] = graph_forced(app_url, queries, vectors, args.tenants, ef_search, iterative)
         print(name, json.dumps(result[name]), file=sys.stderr)
+    # The same rows and queries, all in one tenant: BM25's statistics and graph span them all.
+    single_url = make_conninfo(url, dbname="bench_single")
+    schema.migrate(single_url, "synthetic-384", DIM)
+    loaded = load_rows(single_url, vectors, texts, 1)
+    loaded["chunks_embedding_hnsw_build_s"] = build_index(single_url, settings)
+    hybrid = asyncio.run(
+        hybrid_side_by_side(
+            make_conninfo(single_url, user="rag_app"),
+            questions,
+            queries,
+            ["t000"] * len(names),
+            settings,
+        )
+    )
+    result["hybrid"]["1_tenant"] = {"chunks_per_tenant": len(texts), **hybrid, "load": loaded}
+    print("hybrid one tenant", json.dumps(hybrid), file=sys.stderr)
     return result
 
 
@@ -531,6 +769,7 @@ def main() -> None:
         try:
             with psycopg.connect(url, autocommit=True) as conn:
                 conn.execute("CREATE DATABASE bench_index")
+                conn.execute("CREATE DATABASE bench_single")
                 conn.execute("CREATE DATABASE bench_ingest")
             if not args.skip_index:
                 result.update(index_and_tenants(url, args, settings))

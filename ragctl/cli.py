@@ -1,4 +1,5 @@
-"""ragctl: `up` runs the platform locally; `token`, `ingest` and `ask` talk to it."""
+"""ragctl: `up` runs the platform locally; `token`, `ingest` and `ask` talk to it; `eval
+retrieval` measures search quality on a BEIR folder."""
 
 from __future__ import annotations
 
@@ -219,6 +220,96 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_retrieval(args: argparse.Namespace) -> int:
+    from ragctl.evaluation import MODES, EvalConfig, EvalError, format_table, run_evaluation
+
+    modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    config = EvalConfig(
+        data=Path(args.data),
+        split=args.split,
+        modes=modes or MODES,
+        max_queries=args.max_queries,
+        url=args.url,
+        token=args.token,
+        tag=args.tag,
+        reuse=args.reuse,
+        references=args.references,
+        save_runs=args.save_runs,
+        filtered=args.filter,
+        batch_size=args.batch_size,
+        show_progress=not args.no_progress,
+    )
+    try:
+        report = run_evaluation(config)
+    except EvalError as exc:
+        print(f"evaluation failed: {exc}", file=sys.stderr)
+        return 1
+    output = Path(args.output or f"retrieval-eval-{report['dataset']}-{args.split}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=1))
+    print(format_table(report))
+    print(f"\nreport: {output}")
+    return 0
+
+
+def add_eval_parser(sub: Any) -> None:
+    """`ragctl eval retrieval`."""
+    from ragctl.evaluation import BATCH_DOCUMENTS, MODES
+
+    evaluate = sub.add_parser("eval", help="measure the platform")
+    what = evaluate.add_subparsers(dest="what", required=True)
+    retrieval = what.add_parser(
+        "retrieval",
+        help="search quality (nDCG@10, recall@100, MRR@10, latency) on a BEIR folder",
+        description="Load a BEIR-format corpus through the public API, run every judged query "
+        "of the split through POST /v1/search in each mode, and report nDCG@10, recall@100, "
+        "MRR@10 and latency p50/p95 per mode, beside in-process BM25 and exact MiniLM "
+        "references. Starts its own local stack unless --url is given.",
+    )
+    retrieval.add_argument("--data", required=True, help="BEIR folder (corpus.jsonl, ...)")
+    retrieval.add_argument("--split", default="test", help="qrels/<split>.tsv (default: test)")
+    retrieval.add_argument(
+        "--modes", default=",".join(MODES), help="comma-separated (default: %(default)s)"
+    )
+    retrieval.add_argument(
+        "--max-queries", type=int, help="only the first N judged queries (in file order)"
+    )
+    retrieval.add_argument(
+        "--url", help="a running gateway instead of a local stack started for the run"
+    )
+    retrieval.add_argument("--token", help="with --url: an access token of the user to load")
+    retrieval.add_argument(
+        "--tag", help="the documents' `eval` metadata (default: the folder's name)"
+    )
+    retrieval.add_argument(
+        "--reuse",
+        action="store_true",
+        help="skip loading when every document of the tag is ready already",
+    )
+    retrieval.add_argument(
+        "--references",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also rank in-process: BM25 (bm25s) and exact cosine over MiniLM",
+    )
+    retrieval.add_argument(
+        "--save-runs",
+        action="store_true",
+        help="keep each query's ranked documents and scores, per mode, in the JSON",
+    )
+    retrieval.add_argument(
+        "--filter", action="store_true", help="search only the tag's documents (a filter)"
+    )
+    retrieval.add_argument(
+        "--batch-size", type=int, default=BATCH_DOCUMENTS, help="documents per upload request"
+    )
+    retrieval.add_argument(
+        "--output", help="the JSON report (default: retrieval-eval-<dataset>-<split>.json)"
+    )
+    retrieval.add_argument("--no-progress", action="store_true", help="no progress bars")
+    retrieval.set_defaults(func=cmd_eval_retrieval)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ragctl", description=__doc__)
     parser.add_argument(
@@ -245,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     ask.add_argument("--k", type=int, default=4, help="passages to retrieve")
     ask.add_argument("--max-tokens", type=int, default=200)
     ask.set_defaults(func=cmd_ask)
+    add_eval_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

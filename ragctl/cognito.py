@@ -84,6 +84,19 @@ class LocalPool:
     def access_token(self, username: str, password: str) -> str:
         return self.tokens(username, password)["AccessToken"]
 
+    def user_token(self, username: str) -> str:
+        """An access token of username, a user made on first use: another tenant in the same
+        pool (an evaluation's, a test's) with a fresh password each call."""
+        password = f"Pw-{secrets.token_urlsafe(12)}1!"
+        cognito = _client(self.endpoint)
+        try:
+            self.create_user(username, password)
+        except cognito.exceptions.UsernameExistsException:
+            cognito.admin_set_user_password(
+                UserPoolId=self.pool_id, Username=username, Password=password, Permanent=True
+            )
+        return self.access_token(username, password)
+
 
 def create_dev_user(pool: LocalPool, username: str, password: str | None, *, seed: int) -> str:
     """Create a user with the same `sub` (its tenant id) for the same seed; its password."""

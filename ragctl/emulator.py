@@ -4,6 +4,7 @@ pool, an app client and the dev user, made again the same at every start.
   python -m ragctl.emulator serve   # the container's command
   python -m ragctl.emulator check   # its healthcheck: the pool's JWKS is served
   python -m ragctl.emulator token   # print an access token for the dev user
+  python -m ragctl.emulator token --user eval@example.com   # another user's (made if new)
 
 The pool and client ids are derived from their names and the dev user's `sub` from a seed
 kept in the state folder, so a restarted emulator gives the gateway the same issuer, keys
@@ -112,26 +113,32 @@ def check() -> int:
         return 1
 
 
-def token() -> None:
-    """Print the dev user's access token; reads the state `serve` made, never makes it."""
-    state = _read_dev_user_state()
+def token(user: str | None = None) -> None:
+    """Print the dev user's access token (reads the state `serve` made, never makes it), or
+    that of another user of the pool, made on first use (a tenant of its own, e.g. for
+    `ragctl eval retrieval`; the emulator forgets it at its next start)."""
     pool_doc = json.loads(POOL_FILE.read_text())
     pool = LocalPool(
         endpoint=LOCAL_URL, pool_id=pool_doc["pool_id"], client_id=pool_doc["client_id"]
     )
+    if user is not None and user != DEV_USER:
+        print(pool.user_token(user))
+        return
+    state = _read_dev_user_state()
     print(pool.access_token(state["username"], state["password"]))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ragctl.emulator", description=__doc__)
     parser.add_argument("command", choices=("serve", "check", "token"))
+    parser.add_argument("--user", help="token: this user's instead of the dev user's")
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve()
         return 0
     if args.command == "check":
         return check()
-    token()
+    token(args.user)
     return 0
 
 

@@ -12,6 +12,7 @@ with real models and real parse workers. Each test is marked with its layer, so
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,30 @@ from ragctl.stack import Ports, Stack
 from services.gateway.settings import GatewaySettings
 
 LAYERS = ("inprocess", "stack")
+ROOT = Path(__file__).resolve().parents[1]
+# Evaluation data (SciFact, BEIR format) for the retrieval quality guard: beside the clone in
+# CI (../shared/data), anywhere with RAG_EVAL_DATA. Not part of the product: without it the
+# guard is not collected, and the summary says so; RAG_REQUIRE_EVAL_DATA=1 (CI) makes that
+# an error.
+EVAL_DATA = Path(os.environ.get("RAG_EVAL_DATA") or ROOT.parent / "shared" / "data" / "scifact")
+QUALITY_GUARD = "test_retrieval_quality.py"
+
+
+def eval_data_folder() -> Path:
+    return EVAL_DATA
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    if collection_path.name != QUALITY_GUARD or (EVAL_DATA / "corpus.jsonl").is_file():
+        return None
+    if os.environ.get("RAG_REQUIRE_EVAL_DATA") == "1":
+        raise pytest.UsageError(
+            f"RAG_REQUIRE_EVAL_DATA=1 but {EVAL_DATA} holds no BEIR corpus: the retrieval "
+            "quality guard cannot run"
+        )
+    return True
+
+
 _layer_of: dict[str, str] = {}
 _layer_seconds: dict[str, float] = dict.fromkeys(LAYERS, 0.0)
 _layer_tests: dict[str, int] = dict.fromkeys(LAYERS, 0)
@@ -58,6 +83,11 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not (EVAL_DATA / "corpus.jsonl").is_file():
+        terminalreporter.write_line(
+            f"retrieval quality guard not run: no evaluation data at {EVAL_DATA} "
+            "(set RAG_EVAL_DATA to a SciFact BEIR folder)"
+        )
     if not any(_layer_tests.values()):
         return
     terminalreporter.section("layers")

@@ -28,6 +28,8 @@ PUBLIC_ROUTES = {
     ("post", "/v1/chat/completions"): ("ChatRequest", "200", "ChatCompletion"),
     ("post", "/v1/documents"): ("DocumentIn", "202", "Document"),
     ("get", "/v1/documents"): (None, "200", "DocumentList"),
+    ("post", "/v1/documents/batch"): ("DocumentBatchIn", "202", "DocumentBatch"),
+    ("get", "/v1/documents/summary"): (None, "200", "DocumentSummary"),
     ("get", "/v1/documents/{doc_id}"): (None, "200", "Document"),
     ("delete", "/v1/documents/{doc_id}"): (None, "204", None),
     ("post", "/v1/search"): ("SearchRequest", "200", "SearchResponse"),
@@ -123,6 +125,8 @@ async def test_every_route_documents_the_error_envelope_for_each_status_it_answe
         ("post", "/v1/chat/completions"): {400, 401, 403, 408, 413, 429, 502, 503},
         ("post", "/v1/documents"): {400, 401, 403, 408, 413, 415, 429, 502, 503},
         ("get", "/v1/documents"): {400, 401, 403, 429, 502, 503},
+        ("post", "/v1/documents/batch"): {400, 401, 403, 408, 413, 415, 429, 502, 503},
+        ("get", "/v1/documents/summary"): {400, 401, 403, 429, 502, 503},
         ("get", "/v1/documents/{doc_id}"): {400, 401, 403, 404, 429, 502, 503},
         ("delete", "/v1/documents/{doc_id}"): {400, 401, 403, 404, 429, 502, 503},
         ("post", "/v1/search"): {400, 401, 403, 408, 413, 429, 502, 503},
@@ -243,6 +247,9 @@ VALID_BODIES: dict[tuple[str, str], list[dict[str, Any]]] = {
         {"messages": [{"role": "user", "content": "What does the keeper log?"}], "stream": True},
     ],
     ("post", "/v1/documents"): [{"title": "Keeper", "text": "The keeper logs every ship."}],
+    ("post", "/v1/documents/batch"): [
+        {"documents": [{"title": "Keeper", "text": "The keeper logs every ship."}]}
+    ],
     ("post", "/v1/search"): [{"query": "what the keeper logs", "k": 3}],
 }
 

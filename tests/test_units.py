@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from services.gateway import rag
-from services.retriever.store import fuse_rankings
+from services.retriever.store import fuse_rankings, fuse_scores
 
 
 def test_reciprocal_rank_fusion_prefers_agreement() -> None:
@@ -17,6 +17,26 @@ def test_reciprocal_rank_fusion_prefers_agreement() -> None:
     b = [{"chunk_id": 2, "score": 5.0}, {"chunk_id": 3, "score": 4.0}]
     fused = fuse_rankings([a, b], k=3)
     assert [h["chunk_id"] for h in fused] == [2, 1, 3]
+    assert fuse_rankings([a, b], k=3, rrf_k=1)[0]["score"] == pytest.approx(1 / 3 + 1 / 2)
+
+
+def test_score_fusion_scales_each_side_by_its_best_and_weighs_them() -> None:
+    vector = [{"chunk_id": 1, "score": 0.8}, {"chunk_id": 2, "score": 0.6}]
+    bm25 = [{"chunk_id": 2, "score": 12.0}, {"chunk_id": 3, "score": 3.0}]
+    fused = fuse_scores([vector, bm25], k=3, weights=[0.6, 0.4])
+    # 2: 0.6 * 0.75 + 0.4 * 1; 1: 0.6 * 1 + 0.4 * 0.25 (BM25's lowest, as it did not return 1);
+    # 3: 0.6 * 0.75 (the vector side's lowest) + 0.4 * 0.25
+    assert [(h["chunk_id"], round(h["score"], 3)) for h in fused] == [
+        (2, 0.85),
+        (1, 0.7),
+        (3, 0.55),
+    ]
+    # A side's scale does not matter: BM25 scores ten times larger fuse the same.
+    scaled = [{**hit, "score": hit["score"] * 10} for hit in bm25]
+    assert [h["chunk_id"] for h in fuse_scores([vector, scaled], 3, [0.6, 0.4])] == [
+        h["chunk_id"] for h in fused
+    ]
+    assert fuse_scores([vector, []], k=2, weights=[0.6, 0.4])[0]["chunk_id"] == 1
 
 
 def test_passages_are_numbered_marked_as_data_and_fit_the_context() -> None:

@@ -359,3 +359,63 @@ class StreamLeaseRequest(BaseModel):
 
 class StreamLeaseResult(BaseModel):
     admitted: bool
+
+
+# Bulk loading: many documents in one request, and one call that says how ingestion stands.
+
+BATCH_DOCUMENTS_MAX = 1000  # the retriever's own bound; the gateway's setting is lower
+
+
+class DocumentBatchIn(BaseModel):
+    """`POST /v1/documents/batch`: JSON documents stored together, each ingested as if
+    uploaded alone."""
+
+    documents: list[DocumentIn] = Field(min_length=1, max_length=BATCH_DOCUMENTS_MAX)
+
+
+class DocumentBatch(BaseModel):
+    """One stored document per item, in input order (`duplicate` for known content)."""
+
+    data: list[Document]
+
+
+class DocumentSummary(BaseModel):
+    """How many of the caller's documents are in each state of ingestion."""
+
+    pending: int
+    processing: int
+    ready: int
+    failed: int
+    total: int
+
+
+# Reranking (the retriever calls the embedder's /v1/rerank): the shape that Cohere-, Jina-
+# and text-embeddings-inference-style rerank clients send and read.
+
+
+class RerankRequest(BaseModel):
+    """Score each document's relevance to the query; `model` is accepted and ignored (the
+    embedder serves one reranker)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    query: StrictStr
+    documents: list[StrictStr]
+    top_n: int | None = Field(None, ge=1, description="answer only the best top_n (all if unset)")
+
+
+class RerankResult(BaseModel):
+    index: int = Field(description="the document's position in the request's `documents`")
+    relevance_score: float
+
+
+class RerankUsage(BaseModel):
+    total_tokens: int  # query and document tokens of every pair, as the model read them
+
+
+class RerankResponse(BaseModel):
+    """The results best first (ties in input order)."""
+
+    model: str
+    results: list[RerankResult]
+    usage: RerankUsage

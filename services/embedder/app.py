@@ -16,6 +16,7 @@ from services.common.observability import install_observability
 from services.embedder.batching import Batcher
 from services.embedder.counting import TokenCounter
 from services.embedder.model import load_model
+from services.embedder.reranking import Reranker, load_reranker
 from services.embedder.routes import router
 from services.embedder.settings import EmbedderSettings
 
@@ -42,6 +43,14 @@ def create_app(settings: EmbedderSettings) -> FastAPI:
         )
         app.state.batcher = batcher
         app.state.token_counter = TokenCounter()
+        app.state.reranker = None
+        if settings.rerank_model:
+            app.state.reranker = Reranker(
+                partial(load_reranker, settings.rerank_model, settings.device, settings.models_dir),
+                batch_size=settings.rerank_batch_size,
+                max_queued_pairs=settings.rerank_max_queued_pairs,
+                after=batcher.loaded,
+            )
 
         async def wait_loaded() -> None:
             try:
@@ -56,10 +65,13 @@ def create_app(settings: EmbedderSettings) -> FastAPI:
         finally:
             batcher.stop()
             app.state.token_counter.close()
+            if app.state.reranker is not None:
+                app.state.reranker.close()
             loading.cancel()
 
     app = FastAPI(title="RAG embedder", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
+    app.state.reranker = None  # set in the lifespan when EMBEDDER_RERANK_MODEL is
     install_error_handlers(app)
 
     async def model_ready() -> str | None:
@@ -67,6 +79,14 @@ def create_app(settings: EmbedderSettings) -> FastAPI:
             return None
         return app.state.load_error or "model loading"
 
-    install_observability(app, "embedder", {"model": model_ready})
+    async def reranker_ready() -> str | None:
+        """Ready once a configured reranker is loaded: a deployment that asks for one is
+        not rolled out without it (every search would fall back to first-stage order)."""
+        reranker: Reranker | None = app.state.reranker
+        if reranker is None or reranker.model is not None:
+            return None
+        return "reranker failed to load" if reranker.load_failed else "reranker loading"
+
+    install_observability(app, "embedder", {"model": model_ready, "reranker": reranker_ready})
     app.include_router(router)
     return app

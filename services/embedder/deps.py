@@ -8,11 +8,16 @@ from fastapi import Depends, Request
 
 from services.common.errors import APIError
 from services.common.http import read_capped_body
-from services.common.protocol import EmbeddingRequest, TokenizeRequest
+from services.common.protocol import EmbeddingRequest, RerankRequest, TokenizeRequest
 from services.embedder.batching import Batcher
 from services.embedder.counting import TokenCounter
 from services.embedder.model import LoadedModel
-from services.embedder.serving import parse_request, parse_tokenize_request
+from services.embedder.reranking import Reranker
+from services.embedder.serving import (
+    parse_request,
+    parse_rerank_request,
+    parse_tokenize_request,
+)
 from services.embedder.settings import EmbedderSettings
 
 # A polling hint while the model loads, not a tuning knob: how long loading takes is the
@@ -38,6 +43,28 @@ async def current_model(request: Request) -> LoadedModel:
     return model
 
 
+async def current_reranker(request: Request) -> Reranker:
+    """The loaded reranker: 404 when none is configured (a deployment's choice, not a
+    fault: retrying will not help), 503 while it loads or when it failed to."""
+    reranker: Reranker | None = request.app.state.reranker
+    if reranker is None:
+        raise APIError(
+            404,
+            "no reranker is configured on this embedder (EMBEDDER_RERANK_MODEL)",
+            code="reranker_not_configured",
+        )
+    if reranker.load_failed:
+        raise APIError(503, "the reranker failed to load", code="reranker_unavailable")
+    if reranker.model is None:
+        raise APIError(
+            503,
+            "the reranker is not loaded yet",
+            code="model_loading",
+            headers={"Retry-After": str(LOADING_RETRY_AFTER_S)},
+        )
+    return reranker
+
+
 async def get_batcher(request: Request) -> Batcher:
     batcher: Batcher = request.app.state.batcher
     return batcher
@@ -51,6 +78,7 @@ async def get_token_counter(request: Request) -> TokenCounter:
 SettingsDep = Annotated[EmbedderSettings, Depends(get_settings)]
 ModelDep = Annotated[LoadedModel, Depends(current_model)]
 BatcherDep = Annotated[Batcher, Depends(get_batcher)]
+RerankerDep = Annotated[Reranker, Depends(current_reranker)]
 TokenCounterDep = Annotated[TokenCounter, Depends(get_token_counter)]
 
 
@@ -67,6 +95,12 @@ async def embedding_request(
     return parse_request(raw, settings)
 
 
+async def rerank_request(
+    raw: Annotated[bytes, Depends(read_body)], settings: SettingsDep
+) -> RerankRequest:
+    return parse_rerank_request(raw, settings)
+
+
 async def tokenize_request(
     raw: Annotated[bytes, Depends(read_body)], settings: SettingsDep
 ) -> TokenizeRequest:
@@ -74,6 +108,8 @@ async def tokenize_request(
 
 
 # Bodies are read here rather than by FastAPI, so the size cap holds while they arrive and
-# the JSON is validated in one pass from bytes. List them after ModelDep: 503 comes first.
+# the JSON is validated in one pass from bytes. List them after ModelDep (or RerankerDep):
+# 503 (or 404) comes first.
 EmbeddingBody = Annotated[EmbeddingRequest, Depends(embedding_request)]
+RerankBody = Annotated[RerankRequest, Depends(rerank_request)]
 TokenizeBody = Annotated[TokenizeRequest, Depends(tokenize_request)]

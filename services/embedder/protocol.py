@@ -12,8 +12,9 @@ class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     owned_by: str = "ragplatform"
-    dimension: int
-    max_input_tokens: int
+    task: Literal["embedding", "rerank"] = "embedding"  # /v1/embeddings or /v1/rerank
+    dimension: int | None = None  # an embedding model's vector size
+    max_input_tokens: int  # a reranker's: query and document together
 
 
 class ModelList(BaseModel):

@@ -28,6 +28,9 @@ class EmbedderDeployment:
         app: FastAPI = self.app  # type: ignore[attr-defined]  # set by serve.ingress
         if getattr(app.state, "load_error", None):
             raise RuntimeError(app.state.load_error)
+        reranker = getattr(app.state, "reranker", None)
+        if reranker is not None and reranker.load_failed:
+            raise RuntimeError("the reranker failed to load")
 
 
 app = EmbedderDeployment.bind()  # type: ignore[attr-defined]  # added by @serve.deployment

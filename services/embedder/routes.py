@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
@@ -14,6 +14,8 @@ from services.common.protocol import (
     EmbeddingRequest,
     EmbeddingResponse,
     ModelInfo,
+    RerankRequest,
+    RerankResponse,
     TokenizeRequest,
     TokenizeResponse,
 )
@@ -21,12 +23,15 @@ from services.embedder.deps import (
     BatcherDep,
     EmbeddingBody,
     ModelDep,
+    RerankBody,
+    RerankerDep,
     SettingsDep,
     TokenCounterDep,
     TokenizeBody,
 )
 from services.embedder.protocol import ModelCard, ModelList
-from services.embedder.serving import count_tokens, embed, tokenizer_document
+from services.embedder.reranking import LoadedReranker
+from services.embedder.serving import count_tokens, embed, rerank, tokenizer_document
 
 router = APIRouter()
 
@@ -52,6 +57,36 @@ async def create_embeddings(
 
 
 @router.post(
+    "/v1/rerank",
+    response_model=RerankResponse,
+    responses=error_responses(
+        400,
+        404,
+        408,
+        413,
+        429,
+        503,
+        descriptions={
+            400: "a bad body, too many documents or one too long",
+            404: "no reranker is configured (EMBEDDER_RERANK_MODEL)",
+            408: "the body stopped arriving",
+            413: "the body is larger than EMBEDDER_MAX_BODY_BYTES",
+            429: "the reranker's queue is full; see Retry-After",
+            503: "the reranker is loading or failed to load",
+        },
+    ),
+    openapi_extra=json_body(RerankRequest),
+)
+async def rerank_documents(
+    reranker: RerankerDep, body: RerankBody, settings: SettingsDep
+) -> Response:
+    """Score how relevant each document is to the query with the cross-encoder; the
+    results come best first."""
+    result = await rerank(body, reranker, settings)
+    return Response(result.model_dump_json(), media_type="application/json")
+
+
+@router.post(
     "/tokenize",
     response_model=TokenizeResponse,
     responses=error_responses(400, 408, 413, 503),
@@ -73,12 +108,17 @@ async def tokenizer(model: ModelDep) -> Response:
 
 
 @router.get("/v1/models", response_model=ModelList, responses=error_responses(503))
-async def list_models(model: ModelDep) -> ModelList:
-    """The one model served."""
-    card = ModelCard(
-        id=model.name, dimension=model.dimension, max_input_tokens=model.max_seq_length
-    )
-    return ModelList(data=[card])
+async def list_models(model: ModelDep, request: Request) -> ModelList:
+    """The embedding model, and the reranker once it is loaded."""
+    cards = [
+        ModelCard(id=model.name, dimension=model.dimension, max_input_tokens=model.max_seq_length)
+    ]
+    reranker: LoadedReranker | None = getattr(request.app.state.reranker, "model", None)
+    if reranker is not None:
+        cards.append(
+            ModelCard(id=reranker.name, task="rerank", max_input_tokens=reranker.max_seq_length)
+        )
+    return ModelList(data=cards)
 
 
 @router.get("/info", response_model=ModelInfo, responses=error_responses(503))

@@ -16,6 +16,10 @@ from services.common.protocol import (
     EmbeddingRequest,
     EmbeddingResponse,
     EmbeddingUsage,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+    RerankUsage,
     TokenCount,
     TokenizeRequest,
     TokenizeResponse,
@@ -23,12 +27,18 @@ from services.common.protocol import (
 from services.embedder.batching import Batcher, InputTooLong, QueueFull
 from services.embedder.counting import TokenCounter
 from services.embedder.model import LoadedModel
+from services.embedder.reranking import Reranker
 from services.embedder.settings import EmbedderSettings
 
 RequestBody = TypeVar("RequestBody", bound=BaseModel)
 
-# pydantic words a wrong `input` by each member of its union; one sentence says it better.
-FIELD_MESSAGES = {"input": "input must be a string or a list of strings"}
+# pydantic words a wrong `input` by each member of its union, and a wrong item of a list by its
+# position and type; one sentence per field says it better.
+FIELD_MESSAGES = {
+    "input": "input must be a string or a list of strings",
+    "query": "query must be a string",
+    "documents": "documents must be a list of strings",
+}
 
 
 def validate_body(schema: type[RequestBody], raw: bytes) -> RequestBody:
@@ -37,6 +47,15 @@ def validate_body(schema: type[RequestBody], raw: bytes) -> RequestBody:
         return schema.model_validate_json(raw)
     except ValidationError as exc:
         raise validation_error(exc, field_messages=FIELD_MESSAGES) from exc
+
+
+def overloaded(settings: EmbedderSettings) -> APIError:
+    return APIError(
+        429,
+        "the embedder is at capacity; retry shortly",
+        code="overloaded",
+        headers={"Retry-After": str(settings.overloaded_retry_after_s)},
+    )
 
 
 def parse_request(raw: bytes, settings: EmbedderSettings) -> EmbeddingRequest:
@@ -109,12 +128,7 @@ async def embed(
     try:
         vectors, tokens = await batcher.embed(texts, settings.truncate)
     except QueueFull as exc:
-        raise APIError(
-            429,
-            "the embedder is at capacity; retry shortly",
-            code="overloaded",
-            headers={"Retry-After": str(settings.overloaded_retry_after_s)},
-        ) from exc
+        raise overloaded(settings) from exc
     except InputTooLong as exc:
         raise APIError(400, str(exc), param="input", code="input_too_long") from exc
     if dims < model.dimension:
@@ -157,4 +171,56 @@ def tokenizer_document(model: LoadedModel) -> str:
     return (
         f'{{"model": {json.dumps(model.name)}, "max_tokens": {model.max_seq_length}, '
         f'"prompts": {json.dumps(prompts)}, "tokenizer": {model.tokenizer_json}}}'
+    )
+
+
+def parse_rerank_request(raw: bytes, settings: EmbedderSettings) -> RerankRequest:
+    """A rerank request within the limits on documents and their length."""
+    body = validate_body(RerankRequest, raw)
+    if not body.query.strip():
+        raise APIError(400, "query is empty", param="query")
+    if len(body.query) > settings.max_input_chars:
+        raise APIError(
+            400,
+            f"query is longer than {settings.max_input_chars} characters",
+            param="query",
+            code="input_too_long",
+        )
+    if not body.documents:
+        raise APIError(400, "documents must not be empty", param="documents")
+    if len(body.documents) > settings.rerank_max_documents:
+        raise APIError(
+            400,
+            f"at most {settings.rerank_max_documents} documents per request",
+            param="documents",
+            code="too_many_documents",
+        )
+    for i, document in enumerate(body.documents):
+        if len(document) > settings.max_input_chars:
+            raise APIError(
+                400,
+                f"documents[{i}] is longer than {settings.max_input_chars} characters",
+                param="documents",
+                code="input_too_long",
+            )
+    return body
+
+
+async def rerank(
+    body: RerankRequest, reranker: Reranker, settings: EmbedderSettings
+) -> RerankResponse:
+    """The documents' relevance scores, best first; 429 when the queue is full. Each
+    query-document pair is truncated to the model's window (the longer side first)."""
+    assert reranker.model is not None
+    try:
+        scores, tokens = await reranker.rerank(body.query, body.documents)
+    except QueueFull as exc:
+        raise overloaded(settings) from exc
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    return RerankResponse(
+        model=reranker.model.name,
+        results=[
+            RerankResult(index=i, relevance_score=float(scores[i])) for i in order[: body.top_n]
+        ],
+        usage=RerankUsage(total_tokens=tokens),
     )

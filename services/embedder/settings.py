@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -39,3 +39,22 @@ class EmbedderSettings(ServiceSettings):
     batch_wait_ms: float = 0.0  # wait this long after an idle spell for a burst to arrive
     max_queued_inputs: int = 2048  # beyond this, 429 with Retry-After
     overloaded_retry_after_s: int = Field(1, ge=1)  # that Retry-After, in seconds
+
+    # Reranking (POST /v1/rerank): a sentence-transformers CrossEncoder id or folder, loaded
+    # like `model` (baked into models_dir, offline; fp16 on CUDA). Unset: no reranker, and
+    # /v1/rerank answers 404 reranker_not_configured. None is bundled: production bakes one
+    # into the image, e.g. BAAI/bge-reranker-base.
+    rerank_model: str | None = None
+    rerank_max_documents: int = Field(256, ge=1)  # per request; each one at most max_input_chars
+    rerank_batch_size: int = Field(32, ge=1)  # query-document pairs in one forward pass
+    # Pairs accepted and not yet scored; beyond this, 429 with Retry-After.
+    rerank_max_queued_pairs: int = Field(1024, ge=1)
+
+    @model_validator(mode="after")
+    def _a_full_request_fits_the_queue(self) -> EmbedderSettings:
+        if self.rerank_max_documents > self.rerank_max_queued_pairs:
+            raise ValueError(
+                "rerank_max_documents must not exceed rerank_max_queued_pairs: a request "
+                "of that many documents would always be refused"
+            )
+        return self

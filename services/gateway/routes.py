@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Annotated, Any
 
@@ -20,9 +21,12 @@ from services.common.protocol import (
     ChatCompletionChunk,
     ChatRequest,
     Document,
+    DocumentBatch,
+    DocumentBatchIn,
     DocumentIn,
     DocumentList,
     DocumentStatus,
+    DocumentSummary,
     ModelList,
     SearchRequest,
     SearchResponse,
@@ -66,7 +70,12 @@ def json_body(model: type[BaseModel]) -> dict[str, Any]:
 
 
 # Request bodies that routes read themselves: their schemas join the OpenAPI components.
-RAW_BODY_MODELS: tuple[type[BaseModel], ...] = (ChatRequest, DocumentIn, SearchRequest)
+RAW_BODY_MODELS: tuple[type[BaseModel], ...] = (
+    ChatRequest,
+    DocumentIn,
+    DocumentBatchIn,
+    SearchRequest,
+)
 
 CHAT_DESCRIPTION = """\
 OpenAI's chat completion, answered from the caller's documents: the passages retrieved
@@ -88,6 +97,29 @@ until `status` is `ready` or `failed`. Send `application/json` (`title`, `text`,
 `media_type`, `metadata`) or `multipart/form-data` (`file`, optional `title`, optional
 `metadata` as a JSON string). The same content again from the same user answers 200 with
 the existing document and `"duplicate": true`.
+"""
+
+BATCH_DESCRIPTION = """\
+Store many JSON documents (`title`, `text`, `media_type`, `metadata` each) in one request, at
+most `GATEWAY_MAX_BATCH_DOCUMENTS` (100 by default) within the JSON body limit; each is
+ingested in the background as if uploaded alone. Answers 202 with one document per item, in
+input order; known content (uploaded before, or earlier in the same batch) is the existing
+document with `"duplicate": true`, and when every item is known the answer is 200. An
+invalid item fails the whole batch with 400 naming it (`param`: `documents[3].text`);
+nothing is stored then.
+
+A batch counts as one request against the caller's rate limit. That is fair to other
+users: the ingestion work it queues is shared out per user by the retriever's workers (a
+cap on each user's jobs in progress, the user with the fewest in progress served first), so
+another user's upload is claimed ahead of a large batch's backlog, which waits mostly on
+itself. Watch progress with `GET /v1/documents/summary`.
+"""
+
+SUMMARY_DESCRIPTION = """\
+How many of the caller's documents are `pending`, `processing`, `ready` and `failed`, and
+their `total`, counted in one query: wait for a batch with this call instead of one status
+call per document. `metadata` (a JSON object the metadata must contain) counts a subset,
+e.g. the documents of one load tagged alike.
 """
 
 # One server-sent event of a streamed chat (keep-alive comments are not events).
@@ -188,6 +220,69 @@ async def create_document(
     resp = await retriever.request(
         "POST", "/documents", user.sub, content=raw, headers={"Content-Type": content_type}
     )
+    return relay(resp)
+
+
+@router.post(
+    "/documents/batch",
+    status_code=202,
+    summary="Upload many JSON documents in one request",
+    description=BATCH_DESCRIPTION,
+    response_model=DocumentBatch,
+    responses={
+        200: {"model": DocumentBatch, "description": "Every document was uploaded before."},
+        **error_responses(400, 408, 413, 415, 502),
+    },
+    openapi_extra=json_body(DocumentBatchIn),
+)
+async def create_documents(
+    request: Request, user: User, settings: Settings, retriever: Retriever
+) -> Response:
+    # The retriever validates each item (and names it); the gateway enforces its own count.
+    content_type = request.headers.get("content-type", "")
+    if media_type(content_type) != "application/json":
+        raise APIError(415, "send the batch as application/json")
+    raw = await read_body(request, settings, settings.max_body_bytes)
+    count = batch_size(raw)
+    if count > settings.max_batch_documents:
+        raise APIError(
+            413,
+            f"a batch holds at most {settings.max_batch_documents} documents, this one has "
+            f"{count}: send the rest in further batches",
+            code="too_many_documents",
+            param="documents",
+        )
+    resp = await retriever.request(
+        "POST", "/documents/batch", user.sub, content=raw, headers={"Content-Type": content_type}
+    )
+    return relay(resp)
+
+
+def batch_size(raw: bytes) -> int:
+    """The number of items in a batch body; 0 when it has no documents list (the retriever
+    says what is wrong with it)."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        return 0
+    documents = value.get("documents") if isinstance(value, dict) else None
+    return len(documents) if isinstance(documents, list) else 0
+
+
+@router.get(
+    "/documents/summary",
+    summary="Count the caller's documents by ingestion status",
+    description=SUMMARY_DESCRIPTION,
+    response_model=DocumentSummary,
+    responses=error_responses(400, 502),
+)
+async def summarize_documents(
+    user: User,
+    retriever: Retriever,
+    metadata: Annotated[str | None, Query(description="JSON object the metadata contains")] = None,
+) -> Response:
+    params = {"metadata": metadata} if metadata is not None else None
+    resp = await retriever.request("GET", "/documents/summary", user.sub, params=params)
     return relay(resp)
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.common.protocol import BATCH_DOCUMENTS_MAX
 from services.common.settings import InternalAuthSettings
 
 
@@ -60,6 +61,8 @@ class GatewaySettings(InternalAuthSettings):
     generator_url: str = "http://127.0.0.1:8003"
     max_upload_bytes: int = 10 * 1024 * 1024
     max_body_bytes: int = 1024 * 1024
+    # Documents in one POST /v1/documents/batch (its body is also under max_body_bytes).
+    max_batch_documents: int = Field(100, ge=1, le=BATCH_DOCUMENTS_MAX)
     body_idle_timeout_s: float = Field(30.0, gt=0)  # longest wait for more of a body: then 408
 
     rag_k: int = 4

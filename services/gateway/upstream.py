@@ -32,8 +32,9 @@ def unavailable(service: str) -> APIError:
 
 # Calls that may be sent again: reads, deletes, searches (read-only), and uploads, which the
 # retriever keys on (user, content hash): a replay of an upload that did land answers 200 with
-# the same document ("duplicate": true) instead of storing or ingesting it twice.
-IDEMPOTENT_POSTS = frozenset({"/search", "/documents"})
+# the same document ("duplicate": true) instead of storing or ingesting it twice; a batch
+# of uploads likewise, item by item.
+IDEMPOTENT_POSTS = frozenset({"/search", "/documents", "/documents/batch"})
 STALE_CONNECTION_MESSAGE = "Server disconnected without sending a response"
 
 

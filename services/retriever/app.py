@@ -19,6 +19,7 @@ from services.retriever import limits, schema
 from services.retriever.embedded_pg import start_embedded_postgres, stop_embedded_postgres
 from services.retriever.embedder_client import EmbedderClient
 from services.retriever.ingest import Ingestor
+from services.retriever.rerank import RerankClient
 from services.retriever.routes import router
 from services.retriever.settings import RetrieverSettings
 from services.retriever.store import Store, prepare_connection
@@ -111,13 +112,22 @@ def create_app(settings: RetrieverSettings) -> FastAPI:
             )
             await pool.open(wait=True, timeout=30)
             iterative_scan = await check_app_role(pool)
-            store = Store(pool, settings.hnsw_ef_search, iterative_scan)
+            store = Store(
+                pool,
+                settings.hnsw_ef_search,
+                iterative_scan,
+                settings.bm25_exact_max_chunks,
+                settings.bm25_ef_search,
+            )
             ingestor = Ingestor(store, embedder, settings, info.max_seq_length)
             await ingestor.start()
             app.state.store, app.state.ingestor, app.state.embedder = store, ingestor, embedder
+            app.state.reranker = RerankClient.from_settings(settings)  # None: off
             try:
                 yield
             finally:
+                if app.state.reranker is not None:
+                    await app.state.reranker.aclose()
                 await ingestor.stop()
                 await pool.close()
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Annotated, Any
 
@@ -12,10 +13,13 @@ from pydantic import ValidationError
 from services.common.errors import ERROR_RESPONSES, APIError, validation_error
 from services.common.http import read_capped_body
 from services.common.protocol import (
+    BATCH_DOCUMENTS_MAX,
     Document,
+    DocumentBatch,
     DocumentIn,
     DocumentList,
     DocumentStatus,
+    DocumentSummary,
     SearchHit,
     SearchRequest,
     SearchResponse,
@@ -24,8 +28,9 @@ from services.retriever.deps import Embedder, IngestorDep, Settings, StoreDep, T
 from services.retriever.embedder_client import EmbedderUnavailable
 from services.retriever.ingest import content_hash
 from services.retriever.parsing import ParseError, check_upload, media_type_of
+from services.retriever.rerank import RerankClient, rerank_hits
 from services.retriever.settings import RetrieverSettings
-from services.retriever.store import fuse_rankings
+from services.retriever.store import fuse_rankings, fuse_scores
 from services.retriever.validation import (
     check_storable,
     decode_cursor,
@@ -36,8 +41,6 @@ from services.retriever.validation import (
 )
 
 UPLOAD_FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries and the title/metadata fields
-FUSION_POOL_FACTOR = 4  # hybrid search fuses this many times k candidates from each ranking
-FUSION_POOL_MAX = 100
 
 router = APIRouter()
 
@@ -74,6 +77,55 @@ async def create_document(
         ingestor.notify()
     body = Document(**doc, duplicate=not created).model_dump(mode="json")
     return JSONResponse(body, status_code=202 if created else 200)
+
+
+@router.post(
+    "/documents/batch", status_code=202, response_model=DocumentBatch, responses=ERROR_RESPONSES
+)
+async def create_documents(
+    request: Request, user_id: Tenant, db: StoreDep, settings: Settings, ingestor: IngestorDep
+) -> JSONResponse:
+    """JSON documents stored with their jobs in one transaction; 200 when all were known."""
+    content_type, charset = media_type_of_request(request.headers.get("content-type", ""))
+    if content_type != "application/json" or charset not in (None, "utf-8", "utf8"):
+        raise APIError(415, "send the batch as application/json (UTF-8)")
+    # The whole batch within one upload's size: it is stored in one transaction.
+    body = await read_capped_body(request, settings.max_upload_bytes + UPLOAD_FORM_OVERHEAD_BYTES)
+    items = []
+    for index, doc_in in enumerate(_document_batch_in(body)):
+        where = f"documents[{index}]"
+        raw = doc_in.text.encode()  # checked: no lone surrogates
+        if len(raw) > settings.max_upload_bytes:
+            raise APIError(
+                413, f"{where} is larger than {settings.max_upload_bytes} bytes", param=where
+            )
+        check_storable(doc_in.title, f"{where}.title")
+        check_storable(doc_in.metadata, f"{where}.metadata")
+        try:
+            check_upload(raw, doc_in.media_type)
+        except ParseError as exc:
+            raise APIError(
+                400, f"{where}: {exc}", code="unreadable_document", param=f"{where}.text"
+            ) from exc
+        items.append((doc_in.title, doc_in.media_type, doc_in.metadata, raw, content_hash(raw)))
+    stored = await db.create_documents(user_id, items)
+    any_created = any(created for _, created in stored)
+    if any_created:
+        ingestor.notify()
+    batch = DocumentBatch(data=[Document(**doc, duplicate=not new) for doc, new in stored])
+    return JSONResponse(batch.model_dump(mode="json"), status_code=202 if any_created else 200)
+
+
+@router.get("/documents/summary", response_model=DocumentSummary, responses=ERROR_RESPONSES)
+async def summarize_documents(
+    user_id: Tenant,
+    db: StoreDep,
+    metadata: Annotated[str | None, Query(description="JSON object the metadata contains")] = None,
+) -> DocumentSummary:
+    counts = await db.count_documents_by_status(
+        user_id, json_object(metadata, "metadata") if metadata else None
+    )
+    return DocumentSummary(**counts, total=sum(counts.values()))
 
 
 @router.get("/documents", response_model=DocumentList, responses=ERROR_RESPONSES)
@@ -114,14 +166,22 @@ async def delete_document(doc_id: uuid.UUID, user_id: Tenant, db: StoreDep) -> R
 
 @router.post("/search", response_model=SearchResponse, responses=ERROR_RESPONSES)
 async def search(
-    body: SearchRequest, user_id: Tenant, db: StoreDep, embedder: Embedder
+    request: Request,
+    body: SearchRequest,
+    user_id: Tenant,
+    db: StoreDep,
+    embedder: Embedder,
+    settings: Settings,
 ) -> SearchResponse:
     check_storable(body.query, "query")
     check_storable(body.filters.metadata, "filters.metadata")
     filters = (body.document_ids, body.filters.metadata)
-    fused_k = min(FUSION_POOL_FACTOR * body.k, FUSION_POOL_MAX)
-    rankings = []
-    if body.mode in ("vector", "hybrid"):
+    reranker: RerankClient | None = request.app.state.reranker
+    # With the optional reranking stage, the first stage finds its depth of candidates.
+    k = reranker.candidates(body.k) if reranker is not None else body.k
+    fused_k = max(k, settings.fusion_depth)
+
+    async def by_vector() -> list[dict[str, Any]]:
         try:
             vector = (await embedder.embed([body.query], "query"))[0]
         except EmbedderUnavailable as exc:
@@ -131,12 +191,32 @@ async def search(
                 code="embedder_down",
                 headers={"Retry-After": "5"},
             ) from exc
-        pool_k = body.k if body.mode == "vector" else fused_k
-        rankings.append(await db.vector_search(user_id, vector, pool_k, *filters))
-    if body.mode in ("text", "hybrid"):
-        pool_k = body.k if body.mode == "text" else fused_k
-        rankings.append(await db.text_search(user_id, body.query, pool_k, *filters))
-    hits = rankings[0] if len(rankings) == 1 else fuse_rankings(rankings, body.k)
+        pool_k = k if body.mode == "vector" else fused_k
+        return await db.vector_search(user_id, vector, pool_k, *filters)
+
+    async def by_text() -> list[dict[str, Any]]:
+        pool_k = k if body.mode == "text" else fused_k
+        return await db.text_search(user_id, body.query, pool_k, *filters)
+
+    if body.mode == "vector":
+        hits = await by_vector()
+    elif body.mode == "text":
+        hits = await by_text()
+    else:  # both at once, on two connections: BM25 runs while the query is embedded
+        try:
+            async with asyncio.TaskGroup() as group:  # one failing cancels the other
+                vector_hits = group.create_task(by_vector())
+                text_hits = group.create_task(by_text())
+        except* APIError as errors:
+            raise errors.exceptions[0] from None
+        rankings = [vector_hits.result(), text_hits.result()]
+        if settings.fusion == "score":
+            weights = [settings.fusion_vector_weight, 1 - settings.fusion_vector_weight]
+            hits = fuse_scores(rankings, k, weights)
+        else:
+            hits = fuse_rankings(rankings, k, rrf_k=settings.rrf_k)
+    if reranker is not None:
+        hits = await rerank_hits(reranker, body.query, hits, body.k)
     return SearchResponse(data=[SearchHit(**hit) for hit in hits[: body.k]])
 
 
@@ -151,6 +231,38 @@ def _document_in(body: bytes) -> DocumentIn:
         raise validation_error(exc) from exc
     check_storable(doc_in.text, "text")
     return doc_in
+
+
+def _document_batch_in(body: bytes) -> list[DocumentIn]:
+    """A batch's documents, each checked as a JSON upload is; errors name the item
+    (`documents[3].text`)."""
+    value = parse_json(body, None, "the body")
+    documents = value.get("documents") if isinstance(value, dict) else None
+    if not isinstance(documents, list) or not documents:
+        raise APIError(
+            400, "body must be a JSON object with a non-empty documents list", param="documents"
+        )
+    if len(documents) > BATCH_DOCUMENTS_MAX:
+        raise APIError(
+            413, f"at most {BATCH_DOCUMENTS_MAX} documents in a batch", param="documents"
+        )
+    checked = []
+    for index, item in enumerate(documents):
+        try:
+            doc_in = DocumentIn.model_validate(item)
+        except ValidationError as exc:
+            raise _item_error(index, exc) from exc
+        check_storable(doc_in.text, f"documents[{index}].text")
+        checked.append(doc_in)
+    return checked
+
+
+def _item_error(index: int, exc: ValidationError) -> APIError:
+    """A 400 naming the batch item and its field as a client writes it: documents[3].text."""
+    first = exc.errors()[0]
+    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"])
+    param = f"documents[{index}]{path}"
+    return APIError(400, f"{param}: {first['msg']}", code="invalid_value", param=param)
 
 
 async def _read_multipart(

@@ -212,6 +212,136 @@ MIGRATIONS: list[str] = [
         limits_acquire_stream(text, uuid, integer, double precision),
         limits_release_stream(text, uuid, double precision) FROM PUBLIC;
     """,
+    # BM25 inside PostgreSQL (docs/retrieval.md). Each chunk's text is indexed with its
+    # document's title and its heading, and carries its BM25 term weights as a sparsevec
+    # (term frequency saturated and normalised by its length: k1 1.2, b 0.75, the tenant's
+    # average length when it was written). A query is a sparsevec of its terms' IDF, read
+    # from per-tenant term statistics that triggers keep exact as chunks come and go; the
+    # score is the inner product, searched through an HNSW index like the embeddings.
+    # Terms map to dimensions by a 29-bit hash of the lexeme.
+    """
+    CREATE FUNCTION bm25_dim(lexeme text) RETURNS integer
+        LANGUAGE sql IMMUTABLE PARALLEL SAFE
+        RETURN (hashtextextended(lexeme, 0) & 536870911)::integer + 1;
+
+    CREATE FUNCTION bm25_length(tsv tsvector) RETURNS integer
+        LANGUAGE sql IMMUTABLE PARALLEL SAFE
+        RETURN (SELECT coalesce(sum(coalesce(cardinality(positions), 1)), 0)::integer
+                FROM unnest(tsv));
+
+    CREATE FUNCTION bm25_vector(tsv tsvector, avgdl double precision) RETURNS sparsevec
+        LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+        WITH terms AS (
+            SELECT lexeme, coalesce(cardinality(positions), 1)::double precision AS tf
+            FROM unnest(tsv)
+        ), length AS (
+            SELECT sum(tf) AS dl FROM terms
+        ), weights AS (
+            SELECT bm25_dim(lexeme) AS dim,
+                   sum(tf * 2.2 / (tf + 1.2 * (0.25 + 0.75 * dl / greatest(avgdl, 1)))) AS w
+            FROM terms, length GROUP BY 1
+        )
+        SELECT (coalesce('{' || string_agg(dim || ':' || w, ',' ORDER BY dim) || '}', '{}')
+                || '/536870912')::sparsevec
+        FROM weights
+    $$;
+
+    CREATE TABLE bm25_stats (
+        user_id text PRIMARY KEY CHECK (user_id <> ''),
+        chunks bigint NOT NULL,
+        total_length bigint NOT NULL
+    );
+    CREATE TABLE bm25_terms (
+        user_id text NOT NULL CHECK (user_id <> ''),
+        term text NOT NULL,
+        df integer NOT NULL,
+        PRIMARY KEY (user_id, term)
+    );
+
+    ALTER TABLE chunks ALTER COLUMN tsv DROP EXPRESSION;
+    ALTER TABLE chunks ADD COLUMN bm25_length integer NOT NULL DEFAULT 0,
+                       ADD COLUMN bm25 sparsevec(536870912);
+    -- The owner backfills what exists; row-level security binds it again below.
+    ALTER TABLE chunks NO FORCE ROW LEVEL SECURITY;
+    ALTER TABLE documents NO FORCE ROW LEVEL SECURITY;
+    UPDATE chunks c SET tsv = to_tsvector('english',
+            d.title || ' ' || coalesce(c.position->>'heading', '') || ' ' || c.text)
+        FROM documents d WHERE d.id = c.document_id;
+    UPDATE chunks SET bm25_length = bm25_length(tsv);
+    INSERT INTO bm25_stats (user_id, chunks, total_length)
+        SELECT user_id, count(*), sum(bm25_length) FROM chunks GROUP BY user_id;
+    INSERT INTO bm25_terms (user_id, term, df)
+        SELECT user_id, lexeme, count(*) FROM chunks, unnest(tsv) GROUP BY 1, 2;
+    UPDATE chunks c SET bm25 = bm25_vector(c.tsv, s.total_length::double precision / s.chunks)
+        FROM bm25_stats s WHERE s.user_id = c.user_id;
+    ALTER TABLE chunks FORCE ROW LEVEL SECURITY;
+    ALTER TABLE documents FORCE ROW LEVEL SECURITY;
+    -- The best chunks by inner product, found like the nearest embeddings: an HNSW graph
+    -- over the term weights (sparsevec, at most 1,000 terms a chunk; a chunk holds fewer).
+    CREATE INDEX chunks_bm25_hnsw ON chunks USING hnsw (bm25 sparsevec_ip_ops);
+
+    ALTER TABLE bm25_stats ENABLE ROW LEVEL SECURITY;
+    ALTER TABLE bm25_stats FORCE ROW LEVEL SECURITY;
+    CREATE POLICY tenant_isolation ON bm25_stats
+        USING (user_id = current_setting('app.user_id', true))
+        WITH CHECK (user_id = current_setting('app.user_id', true));
+    ALTER TABLE bm25_terms ENABLE ROW LEVEL SECURITY;
+    ALTER TABLE bm25_terms FORCE ROW LEVEL SECURITY;
+    CREATE POLICY tenant_isolation ON bm25_terms
+        USING (user_id = current_setting('app.user_id', true))
+        WITH CHECK (user_id = current_setting('app.user_id', true));
+
+    -- The statistics follow every INSERT and DELETE of chunks (a document's cascade too),
+    -- one tenant's changes at a time (a transaction-scoped advisory lock on the tenant:
+    -- no deadlock between ingestions and deletions touching the same terms).
+    CREATE FUNCTION bm25_chunks_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NOT EXISTS (SELECT 1 FROM new_chunks) THEN
+            RETURN NULL;
+        END IF;
+        PERFORM pg_advisory_xact_lock(hashtextextended('bm25:' || user_id, 0))
+            FROM (SELECT DISTINCT user_id FROM new_chunks ORDER BY 1) u;
+        INSERT INTO bm25_terms AS t (user_id, term, df)
+            SELECT n.user_id, u.lexeme, count(*) FROM new_chunks n, unnest(n.tsv) u
+            GROUP BY 1, 2
+            ON CONFLICT (user_id, term) DO UPDATE SET df = t.df + excluded.df;
+        INSERT INTO bm25_stats AS s (user_id, chunks, total_length)
+            SELECT user_id, count(*), sum(bm25_length) FROM new_chunks GROUP BY 1
+            ON CONFLICT (user_id) DO UPDATE SET chunks = s.chunks + excluded.chunks,
+                total_length = s.total_length + excluded.total_length;
+        RETURN NULL;
+    END $$;
+    CREATE FUNCTION bm25_chunks_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NOT EXISTS (SELECT 1 FROM old_chunks) THEN
+            RETURN NULL;
+        END IF;
+        PERFORM pg_advisory_xact_lock(hashtextextended('bm25:' || user_id, 0))
+            FROM (SELECT DISTINCT user_id FROM old_chunks ORDER BY 1) u;
+        WITH gone AS (
+            SELECT o.user_id, u.lexeme, count(*) AS n FROM old_chunks o, unnest(o.tsv) u
+            GROUP BY 1, 2
+        ), left_over AS (
+            UPDATE bm25_terms t SET df = t.df - gone.n FROM gone
+            WHERE t.user_id = gone.user_id AND t.term = gone.lexeme
+            RETURNING t.user_id, t.term, t.df
+        )
+        DELETE FROM bm25_terms t USING left_over l
+            WHERE l.df <= 0 AND t.user_id = l.user_id AND t.term = l.term;
+        UPDATE bm25_stats s SET chunks = s.chunks - g.chunks,
+                total_length = s.total_length - g.total_length
+            FROM (SELECT user_id, count(*) AS chunks, sum(bm25_length) AS total_length
+                  FROM old_chunks GROUP BY 1) g
+            WHERE s.user_id = g.user_id;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER chunks_bm25_inserted AFTER INSERT ON chunks
+        REFERENCING NEW TABLE AS new_chunks FOR EACH STATEMENT
+        EXECUTE FUNCTION bm25_chunks_inserted();
+    CREATE TRIGGER chunks_bm25_deleted AFTER DELETE ON chunks
+        REFERENCING OLD TABLE AS old_chunks FOR EACH STATEMENT
+        EXECUTE FUNCTION bm25_chunks_deleted();
+    """,
 ]
 
 
@@ -321,7 +451,8 @@ def _grant_app_role(
     assert database is not None
     for statement in (
         "GRANT USAGE ON SCHEMA public TO {role}",
-        "GRANT SELECT, INSERT, UPDATE, DELETE ON documents, chunks, ingest_jobs TO {role}",
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON documents, chunks, ingest_jobs, "
+        "bm25_stats, bm25_terms TO {role}",
         "GRANT SELECT ON embedding_config, schema_migrations TO {role}",
         "GRANT USAGE ON SEQUENCE chunks_id_seq TO {role}",
         # Per-user limits of the gateway tasks (no tenant data, no row-level security).

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import Field, SecretStr, model_validator
@@ -64,6 +65,30 @@ class RetrieverSettings(InternalAuthSettings):
     hnsw_m: int = Field(16, ge=2, le=100)
     hnsw_ef_construction: int = Field(64, ge=4, le=1000)
     hnsw_ef_search: int = Field(40, ge=1, le=1000)
+    # BM25 (docs/retrieval.md): exact over the chunks sharing a query term for a tenant of up
+    # to this many chunks (9,000 SciFact chunks: 9.5 ms p50), through the HNSW index on the
+    # term weights past it, walking bm25_ef_search candidates (400: nDCG@10 within 0.002 of
+    # exact there).
+    bm25_exact_max_chunks: int = Field(50_000, ge=0)
+    bm25_ef_search: int = Field(400, ge=1, le=1000)
+    # Hybrid search (docs/retrieval.md): each side's best fusion_depth chunks (at least k),
+    # fused by score (each side's scores over its best, vector weighted fusion_vector_weight,
+    # BM25 the rest) or by reciprocal rank (rrf_k). Defaults: the best on SciFact's training
+    # claims.
+    fusion: Literal["score", "rrf"] = "score"
+    fusion_vector_weight: float = Field(0.6, ge=0, le=1)
+    fusion_depth: int = Field(50, ge=1, le=1000)
+    rrf_k: int = Field(60, ge=0)
+    # Optional reranking of search results by a cross-encoder (the embedder's /v1/rerank with
+    # EMBEDDER_RERANK_MODEL set): the best rerank_depth candidates are rescored. A reranker
+    # that fails or is slow costs the reranking, never the search (services/retriever/rerank.py).
+    rerank: bool = False
+    rerank_depth: int = Field(30, ge=1, le=1000)
+    rerank_url: str | None = None  # empty: embedder_url
+
+    @property
+    def rerank_base_url(self) -> str:
+        return self.rerank_url or self.embedder_url
 
     @property
     def jobs_per_user(self) -> int:

@@ -29,8 +29,47 @@ LIVENESS_LOCK = 727275
 CLAIM_TRIES = 8  # users one claim tries in turn, when others took a user's jobs meanwhile
 CHUNK_ID_ATTEMPTS = 3  # random chunk ids: a clash (about 1 in 10**7 at 10**8 chunks) redraws
 DOC_COLUMNS = "id, title, media_type, metadata, status, error, chunk_count, created_at, updated_at"
-RRF_K = 60
 # Created once per pooled connection; emptied at every commit.
+# A document's staged chunks into the table: each indexed for full text with the document's
+# title and its heading, with its BM25 term weights (schema.py, migration 6) normalised by
+# the tenant's average chunk length so far (this document's own when it is the first).
+INSERT_STAGED_CHUNKS = """
+    WITH staged AS (
+        SELECT ordinal, text, position, embedding,
+               to_tsvector('english', (SELECT title FROM documents WHERE id = %(document)s)
+                   || ' ' || coalesce(position->>'heading', '') || ' ' || text) AS tsv
+        FROM chunk_stage
+    ), average AS (
+        SELECT coalesce(
+            (SELECT total_length::double precision / nullif(chunks, 0) FROM bm25_stats
+             WHERE user_id = %(user)s),
+            (SELECT avg(bm25_length(tsv)) FROM staged)) AS length
+    )
+    INSERT INTO chunks (document_id, user_id, ordinal, text, position, embedding, tsv,
+                        bm25_length, bm25)
+    SELECT %(document)s, %(user)s, ordinal, text, position, embedding, tsv,
+           bm25_length(tsv), bm25_vector(tsv, average.length)
+    FROM staged, average
+"""
+
+# The query as BM25 sees it: the IDF of each of its terms the tenant's chunks hold (Lucene's
+# IDF, never negative: ln(1 + (N - df + 0.5) / (df + 0.5))), as a sparsevec in the chunks'
+# dimensions. Parameters: query, user, user.
+BM25_QUERY = """
+    q AS (
+        SELECT (coalesce('{' || string_agg(dim || ':' || idf, ',' ORDER BY dim) || '}', '{}')
+                || '/536870912')::sparsevec AS weights
+        FROM (
+            SELECT bm25_dim(t.term) AS dim,
+                   sum(ln(1 + (s.chunks - t.df + 0.5) / (t.df + 0.5))) AS idf
+            FROM (SELECT DISTINCT lexeme FROM unnest(to_tsvector('english', %s))) asked
+            JOIN bm25_terms t ON t.user_id = %s AND t.term = asked.lexeme
+            JOIN bm25_stats s ON s.user_id = %s
+            GROUP BY 1
+        ) idf
+    )
+"""
+
 STAGING_TABLE = (
     "CREATE TEMP TABLE IF NOT EXISTS chunk_stage (ordinal integer, text text, "
     "position jsonb, embedding vector) ON COMMIT DELETE ROWS"
@@ -103,11 +142,18 @@ async def prepare_connection(conn: AsyncConnection) -> None:
 
 class Store:
     def __init__(
-        self, pool: AsyncConnectionPool, ef_search: int = 40, iterative_scan: bool = True
+        self,
+        pool: AsyncConnectionPool,
+        ef_search: int = 40,
+        iterative_scan: bool = True,
+        bm25_exact_max_chunks: int = 50_000,
+        bm25_ef_search: int = 400,
     ) -> None:
         self.pool = pool
         self.ef_search = ef_search
         self.iterative_scan = iterative_scan
+        self.bm25_exact_max_chunks = bm25_exact_max_chunks
+        self.bm25_ef_search = bm25_ef_search
 
     @asynccontextmanager
     async def tenant(
@@ -138,33 +184,10 @@ class Store:
 
         A known document that failed is taken as a new attempt.
         """
-        async with self.tenant(user_id) as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(
-                f"INSERT INTO documents (id, user_id, title, media_type, metadata, source, "
-                f"content_hash) VALUES (%s, %s, %s, %s, %s, %s, %s) "
-                f"ON CONFLICT (user_id, content_hash) DO UPDATE SET status = 'pending', "
-                f"error = NULL, source = EXCLUDED.source, title = EXCLUDED.title, "
-                f"media_type = EXCLUDED.media_type, metadata = EXCLUDED.metadata, "
-                f"chunk_count = 0, updated_at = now() "
-                f"WHERE documents.status = 'failed' RETURNING {DOC_COLUMNS}",
-                (uuid.uuid4(), user_id, title, media_type, Jsonb(metadata), source, content_hash),
-            )
-            row = await cur.fetchone()
-            if row is not None:
-                await cur.execute(
-                    "INSERT INTO ingest_jobs (document_id, user_id) VALUES (%s, %s) "
-                    "ON CONFLICT (document_id) DO UPDATE SET attempts = 0, retries = 0, "
-                    "run_after = now(), leased_by = NULL, lease_until = NULL, last_error = NULL",
-                    (row["id"], user_id),
-                )
-                return row, True
-            await cur.execute(
-                f"SELECT {DOC_COLUMNS} FROM documents WHERE user_id = %s AND content_hash = %s",
-                (user_id, content_hash),
-            )
-            existing = await cur.fetchone()
-            assert existing is not None
-            return existing, False
+        stored = await self.create_documents(
+            user_id, [(title, media_type, metadata, source, content_hash)]
+        )
+        return stored[0]
 
     async def get_document(self, user_id: str, doc_id: uuid.UUID) -> dict[str, Any] | None:
         async with self.tenant(user_id) as conn, conn.cursor(row_factory=dict_row) as cur:
@@ -320,10 +343,7 @@ class Store:
                 try:
                     async with conn.transaction():  # a savepoint: a clash redraws the ids
                         await conn.execute(
-                            "INSERT INTO chunks (document_id, user_id, ordinal, text, position, "
-                            "embedding) SELECT %s, %s, ordinal, text, position, embedding "
-                            "FROM chunk_stage",
-                            (job.document_id, job.user_id),
+                            INSERT_STAGED_CHUNKS, {"document": job.document_id, "user": job.user_id}
                         )
                     break
                 except UniqueViolation as exc:
@@ -416,25 +436,161 @@ class Store:
         document_ids: list[uuid.UUID],
         metadata: dict[str, Any],
     ) -> list[dict[str, Any]]:
+        """The k best chunks by BM25 (docs/retrieval.md): the inner product of each chunk's
+        term weights with the query's IDF vector. Exact over the chunks that share a term
+        with the query (the GIN index on tsv finds them) for a tenant of up to
+        bm25_exact_max_chunks; past that through the HNSW index on the weights, walked
+        until k chunks of this tenant and filters are found (ef_search bm25_ef_search)."""
         where, params = self._filters(user_id, document_ids, metadata)
-        # Any query term may match (OR), ranked by cover density.
-        tsquery = "to_tsquery('english', replace(plainto_tsquery('english', %s)::text, '&', '|'))"
+        async with self.tenant(user_id) as conn:
+            row = await (
+                await conn.execute("SELECT chunks FROM bm25_stats WHERE user_id = %s", (user_id,))
+            ).fetchone()
+            if row is None:
+                return []
+            # The query's weights as one value (an InitPlan), so an index can order by it.
+            distance = "c.bm25 <#> (SELECT weights FROM q)"
+            if row[0] <= self.bm25_exact_max_chunks:
+                terms = (
+                    "c.tsv @@ to_tsquery('english', "
+                    "replace(plainto_tsquery('english', %s)::text, '&', '|'))"
+                )
+                order, args = f"({distance}) + 0", [query]  # `+ 0`: no index, every match
+            else:
+                terms, order, args = f"{distance} < 0", distance, []
+                ef_search = max(self.bm25_ef_search, k)
+                await conn.execute(
+                    "SELECT set_config('hnsw.ef_search', %s, true)", (str(ef_search),)
+                )
+                if self.iterative_scan:
+                    await conn.execute(
+                        "SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)"
+                    )
+            async with conn.cursor(row_factory=dict_row) as cur:
+                await cur.execute(
+                    f"WITH {BM25_QUERY} SELECT * FROM (SELECT c.id AS chunk_id, c.document_id, "
+                    f"d.title, c.text, c.position, d.metadata, -({distance}) AS score "
+                    "FROM chunks c JOIN documents d ON d.id = c.document_id "
+                    f"WHERE {where} AND {terms} ORDER BY {order} LIMIT %s) hits "
+                    "ORDER BY score DESC, chunk_id",
+                    [query, user_id, user_id, *params, *args, k],
+                )
+                return await cur.fetchall()
+
+    # bulk loading ----------------------------------------------------------------
+
+    async def create_documents(
+        self,
+        user_id: str,
+        documents: Sequence[tuple[str, str, dict[str, Any], bytes, str]],
+    ) -> list[tuple[dict[str, Any], bool]]:
+        """Store many uploads, each (title, media_type, metadata, source, content_hash), and
+        their jobs in one transaction; per item, in order, what create_document returns.
+
+        Content known before, or earlier in the same batch, is (existing document, False);
+        a known document that failed is taken as a new attempt.
+        """
+        stored: list[tuple[dict[str, Any], bool]] = []
         async with self.tenant(user_id) as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(
-                f"SELECT c.id AS chunk_id, c.document_id, d.title, c.text, c.position, "
-                f"d.metadata, ts_rank_cd(c.tsv, q) AS score "
-                f"FROM chunks c JOIN documents d ON d.id = c.document_id, {tsquery} q "
-                f"WHERE {where} AND c.tsv @@ q ORDER BY score DESC, c.id LIMIT %s",
-                [query, *params, k],
+            for title, media_type, metadata, source, content_hash in documents:
+                await cur.execute(
+                    f"INSERT INTO documents (id, user_id, title, media_type, metadata, source, "
+                    f"content_hash) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                    f"ON CONFLICT (user_id, content_hash) DO UPDATE SET status = 'pending', "
+                    f"error = NULL, source = EXCLUDED.source, title = EXCLUDED.title, "
+                    f"media_type = EXCLUDED.media_type, metadata = EXCLUDED.metadata, "
+                    f"chunk_count = 0, updated_at = now() "
+                    f"WHERE documents.status = 'failed' RETURNING {DOC_COLUMNS}",
+                    (
+                        uuid.uuid4(),
+                        user_id,
+                        title,
+                        media_type,
+                        Jsonb(metadata),
+                        source,
+                        content_hash,
+                    ),
+                )
+                row = await cur.fetchone()
+                if row is not None:
+                    await cur.execute(
+                        "INSERT INTO ingest_jobs (document_id, user_id) VALUES (%s, %s) "
+                        "ON CONFLICT (document_id) DO UPDATE SET attempts = 0, retries = 0, "
+                        "run_after = now(), leased_by = NULL, lease_until = NULL, "
+                        "last_error = NULL",
+                        (row["id"], user_id),
+                    )
+                    stored.append((row, True))
+                    continue
+                await cur.execute(
+                    f"SELECT {DOC_COLUMNS} FROM documents WHERE user_id = %s AND content_hash = %s",
+                    (user_id, content_hash),
+                )
+                existing = await cur.fetchone()
+                assert existing is not None
+                stored.append((existing, False))
+        return stored
+
+    async def count_documents_by_status(
+        self, user_id: str, metadata: dict[str, Any] | None = None
+    ) -> dict[str, int]:
+        """The user's documents (those whose metadata contains metadata) per status, every
+        status named, in one query."""
+        where = "user_id = %s"
+        params: list[Any] = [user_id]
+        if metadata:
+            where += " AND metadata @> %s"
+            params.append(Jsonb(metadata))
+        async with self.tenant(user_id) as conn:
+            cur = await conn.execute(
+                f"SELECT status, count(*) FROM documents WHERE {where} GROUP BY status", params
             )
-            return await cur.fetchall()
+            counts = dict.fromkeys(("pending", "processing", "ready", "failed"), 0)
+            counts.update({status: int(n) for status, n in await cur.fetchall()})
+            return counts
 
 
-def fuse_rankings(rankings: list[list[dict[str, Any]]], k: int) -> list[dict[str, Any]]:
-    """Reciprocal rank fusion: score = sum over rankings of 1 / (60 + rank)."""
+def fuse_rankings(
+    rankings: list[list[dict[str, Any]]],
+    k: int,
+    weights: list[float] | None = None,
+    rrf_k: int = 60,
+) -> list[dict[str, Any]]:
+    """Reciprocal rank fusion: score = sum over rankings of weight / (rrf_k + rank)."""
     fused: dict[int, dict[str, Any]] = {}
-    for ranking in rankings:
+    for ranking, weight in zip(rankings, weights or [1.0] * len(rankings), strict=True):
         for rank, hit in enumerate(ranking, start=1):
             entry = fused.setdefault(hit["chunk_id"], {**hit, "score": 0.0})
-            entry["score"] += 1.0 / (RRF_K + rank)
-    return sorted(fused.values(), key=lambda hit: hit["score"], reverse=True)[:k]
+            entry["score"] += weight / (rrf_k + rank)
+    return sorted(fused.values(), key=lambda hit: (-hit["score"], hit["chunk_id"]))[:k]
+
+
+def fuse_scores(
+    rankings: list[list[dict[str, Any]]], k: int, weights: list[float]
+) -> list[dict[str, Any]]:
+    """Score fusion (docs/retrieval.md): each ranking's scores divided by its best, summed
+    with the weights; a chunk one ranking did not return counts that ranking's lowest
+    score. What the SciFact training claims measured best (nDCG@10 0.736 against 0.720 for
+    the best reciprocal rank fusion)."""
+    normalised: list[dict[int, float]] = []
+    floors: list[float] = []
+    hits: dict[int, dict[str, Any]] = {}
+    for ranking in rankings:
+        best = max((hit["score"] for hit in ranking), default=0.0)
+        scale = best if best > 0 else 1.0
+        scores = {hit["chunk_id"]: hit["score"] / scale for hit in ranking}
+        normalised.append(scores)
+        floors.append(min(scores.values(), default=0.0))
+        for hit in ranking:
+            hits.setdefault(hit["chunk_id"], hit)
+    fused = [
+        {
+            **hit,
+            "score": sum(
+                weight * scores.get(chunk_id, floor)
+                for weight, scores, floor in zip(weights, normalised, floors, strict=True)
+            ),
+        }
+        for chunk_id, hit in hits.items()
+    ]
+    return sorted(fused, key=lambda hit: (-hit["score"], hit["chunk_id"]))[:k]
