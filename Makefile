@@ -75,12 +75,24 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format services ragctl tests benchmarks deploy/aws
 	$(VENV)/bin/ruff check --fix services ragctl tests benchmarks deploy/aws
 
+# The service benchmarks in order, then the chat load steps on a local stack of their own,
+# then one table of every ratio and figure (benchmarks/summary.py; also results/summary.md).
+# A benchmark that fails does not stop the others or the table: its row says "earlier run"
+# or "not run", and make still exits non-zero, naming it.
+BENCH_SCRIPTS := bench_embedder bench_generator bench_chat bench_retriever bench_limits
+
 bench: $(STAMP)
-	$(PY) benchmarks/bench_embedder.py
-	$(PY) benchmarks/bench_generator.py
-	$(PY) benchmarks/bench_chat.py
-	$(PY) benchmarks/bench_retriever.py
-	$(PY) benchmarks/bench_limits.py
+	@since=$$(date +%s); failed=""; \
+	for script in $(BENCH_SCRIPTS); do \
+		echo "== $$script"; \
+		$(PY) benchmarks/$$script.py || failed="$$failed $$script"; \
+	done; \
+	echo "== ragctl bench chat"; \
+	$(VENV)/bin/ragctl bench chat --output-dir benchmarks/results/bench-chat-steps \
+		|| failed="$$failed ragctl-bench-chat"; \
+	echo "== summary"; \
+	$(PY) benchmarks/summary.py --since $$since; \
+	if [ -n "$$failed" ]; then echo "make bench: failed:$$failed" >&2; exit 1; fi
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .data .pytest_cache

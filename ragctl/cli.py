@@ -1,5 +1,5 @@
 """ragctl: `up` runs the platform locally; `token`, `ingest` and `ask` talk to it; `eval
-retrieval` measures search quality on a BEIR folder."""
+retrieval` measures search quality on a BEIR folder; `bench` load-tests it."""
 
 from __future__ import annotations
 
@@ -337,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     ask.add_argument("--max-tokens", type=int, default=200)
     ask.set_defaults(func=cmd_ask)
     add_eval_parser(sub)
+    from ragctl.bench import add_bench_parser
+
+    add_bench_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

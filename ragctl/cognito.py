@@ -106,3 +106,40 @@ def create_dev_user(pool: LocalPool, username: str, password: str | None, *, see
     resp = httpx.post(f"{pool.endpoint}/moto-api/seed", params={"a": seed})
     resp.raise_for_status()
     return pool.create_user(username, password)
+
+
+def password_token(region: str, client_id: str, username: str, password: str) -> str:
+    """An access token from a real Cognito user pool: USER_PASSWORD_AUTH with its public app
+    client (the one deploy/aws creates), for load runs against a deployment."""
+    import boto3
+
+    cognito = boto3.client("cognito-idp", region_name=region)
+    result = cognito.initiate_auth(
+        ClientId=client_id,
+        AuthFlow="USER_PASSWORD_AUTH",
+        AuthParameters={"USERNAME": username, "PASSWORD": password},
+    )
+    if "AuthenticationResult" not in result:  # a challenge (new password, MFA) is pending
+        raise RuntimeError(
+            f"Cognito asks {username} to answer {result.get('ChallengeName')} first; sign in "
+            "once interactively, then run the load test"
+        )
+    return str(result["AuthenticationResult"]["AccessToken"])
+
+
+def local_stack_token(home: str) -> tuple[str, str]:
+    """The gateway URL of the local stack whose state folder is home, and an access token of
+    its dev user."""
+    import json
+    from pathlib import Path
+
+    path = Path(home) / "stack.json"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(
+            f"no running local stack: {path} is missing or unreadable; start one with "
+            "`make up`, or give a URL and credentials"
+        ) from exc
+    pool = LocalPool(**state["cognito"])
+    return state["gateway_url"], pool.access_token(state["username"], state["password"])

@@ -285,6 +285,9 @@ async def test_past_the_global_bound_chats_get_a_fast_503_with_retry_after(
                 assert error["code"] == "overloaded" and error["type"] == "service_unavailable"
                 assert error["message"] and error["param"] is None
                 assert int(shed.headers["retry-after"]) >= 1
+                # in milliseconds too (the openai SDKs read it first): no chat has waited
+                # yet, so the longest, GATEWAY_OVERLOADED_RETRY_AFTER_S
+                assert int(shed.headers["retry-after-ms"]) == 2000
             assert max(latencies) < 1.0
             assert len(generator.requests) == 2  # shed before retrieval or any upstream call
             p99 = statistics.quantiles(latencies, n=100)[98]

@@ -239,7 +239,7 @@ class ChatCompletion(BaseModel):
 
 class ChatCompletionChunk(BaseModel):
     """One streamed event (OpenAI's `chat.completion.chunk`); the last before `[DONE]` has no
-    choices and carries `citations`."""
+    choices and carries `citations` and `server_timing`."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -249,6 +249,14 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[dict[str, Any]]
     citations: list[Citation] | None = None
+    server_timing: dict[str, float] | None = Field(
+        None,
+        description="Where the chat's time went, in milliseconds per stage: auth, limits, "
+        "rewrite, retrieve (the retriever's embed, vector, text and rerank within it; they "
+        "overlap), prompt, generator_wait (to the generator's response headers), prefill (the "
+        "engine's, when it says), first_token (from those headers to the first token), ttft "
+        "and total (from the token check).",
+    )
 
 
 # Models

@@ -218,12 +218,16 @@ class ClosingStreamingResponse(StreamingResponse):
     gone before the body generator ever started (its own `finally` would not run then)."""
 
     def __init__(
-        self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]], **kwargs: Any
+        self,
+        content: AsyncIterator[bytes],
+        on_close: Callable[[], Awaitable[None]],
+        headers: dict[str, str] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
             content,
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
             **kwargs,
         )
         self._on_close = on_close

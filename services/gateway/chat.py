@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import Histogram
 from pydantic import ValidationError
 
 from services.common.errors import APIError, error_body, upstream_error
@@ -34,8 +35,10 @@ from services.common.relay import (
     EngineUnavailable,
     unless_client_leaves,
 )
+from services.common.timing import StageTimes
 from services.gateway import rag
 from services.gateway.auth import Principal
+from services.gateway.deps import stage_times
 from services.gateway.limits import ChatAdmission, RateLimiter
 from services.gateway.settings import GatewaySettings
 from services.gateway.upstream import RetrieverClient, generator_models, unavailable
@@ -45,6 +48,22 @@ logger = logging.getLogger(__name__)
 REWRITE_MAX_CHARS = 500  # of a rewritten question, kept in front of the question itself
 KEEP_ALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
+GENERATOR_SENT = "generator_sent"  # the instant the prompt went to the generator
+
+CHAT_STAGE_SECONDS = Histogram(
+    "gateway_chat_stage_seconds",
+    "Time of each stage of a chat answered in full: auth, limits, rewrite, retrieve (embed, "
+    "vector, text, rerank: the retriever's), prompt, generator_wait, prefill (the engine's, "
+    "when it says), first_token, ttft, generate (not streamed), total",
+    ["stage"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+
+def observe_stages(times: StageTimes) -> None:
+    """The chat's stages into gateway_chat_stage_seconds."""
+    for name, ms in times.ms.items():
+        CHAT_STAGE_SECONDS.labels(name).observe(ms / 1000.0)
 
 
 def citations_json(cites: list[Citation]) -> list[dict[str, Any]]:
@@ -80,9 +99,10 @@ async def chat_completion(
     limiter: RateLimiter = request.app.state.limiter
     # Before any work: a user over their own cap (429), or a gateway whose chats already
     # queue for the generator (503), costs nothing but that answer.
-    admission = await limiter.admit_chat(
-        user.sub, settings.max_waiting_chats, settings.overloaded_retry_after_s
-    )
+    with stage_times(request).stage("limits"):
+        admission = await limiter.admit_chat(
+            user.sub, settings.max_waiting_chats, settings.overloaded_retry_after_s
+        )
     if body.stream:
         return await _stream_reply(request, body, user, settings, max_tokens, admission)
     # Not streamed: the engine answers only once the whole answer is done, so the chat stops
@@ -129,7 +149,8 @@ async def _stream_reply(
         if not await unless_client_leaves(request, starting, settings.sse_keepalive_s):
             # The generator has not taken the chat yet: start the stream, comment meanwhile.
             return ClosingStreamingResponse(
-                _stream_once_started(starting, settings, admission.answered), on_close=close
+                _stream_once_started(starting, settings, admission.answered, stage_times(request)),
+                on_close=close,
             )
         resp, cites = starting.result()
         if resp.status_code != 200:
@@ -140,10 +161,19 @@ async def _stream_reply(
     except BaseException:
         await close()
         raise
+    times = stage_times(request)
     events = _stream_with_citations(
-        resp, cites, settings.sse_keepalive_s, settings.generator_timeout_s, admission.answered
+        resp,
+        cites,
+        settings.sse_keepalive_s,
+        settings.generator_timeout_s,
+        admission.answered,
+        times,
     )
-    return ClosingStreamingResponse(events, on_close=close)
+    # The stages so far (to the generator's headers); the last event carries them all.
+    return ClosingStreamingResponse(
+        events, on_close=close, headers={"Server-Timing": times.header()}
+    )
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:
@@ -173,9 +203,20 @@ async def _complete(
     if resp.status_code != 200:
         raise upstream_error(resp.status_code, raw, "generator")
     completion = json.loads(raw)
-    completion.pop("timings", None)
+    times = stage_times(request)
+    times.since("generate", GENERATOR_SENT)
+    _engine_prefill(completion.pop("timings", None), times)
+    times.mark("total")
+    observe_stages(times)
     completion["citations"] = citations_json(cites)
-    return JSONResponse(completion)
+    return JSONResponse(completion, headers={"Server-Timing": times.header()})
+
+
+def _engine_prefill(timings: Any, times: StageTimes) -> None:
+    """The engine's own prefill time, when it reports one (llama.cpp's `timings.prompt_ms`;
+    vLLM reports none): what of generator_wait and first_token was prompt processing."""
+    if isinstance(timings, dict) and isinstance(timings.get("prompt_ms"), int | float):
+        times.ms["prefill"] = float(timings["prompt_ms"])
 
 
 async def _generator_error(resp: EngineResponse) -> APIError:
@@ -210,6 +251,7 @@ async def _start_generation(
 ) -> tuple[EngineResponse, list[Citation]]:
     """Retrieve, build the prompt, and send it (calling on_sent just before); return the
     generator's response (headers in) and the citations of the passages the prompt holds."""
+    times = stage_times(request)
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     question = rag.last_user_question(messages)
     passages: list[rag.Passage] = []
@@ -217,27 +259,35 @@ async def _start_generation(
     if body.retrieval.enabled and question:
         query = search_query(question)  # the whole question still goes to the generator
         if settings.rewrite_questions and rag.has_history(messages):
-            query = await _standalone_query(request, messages, question, settings)
-        hits = await _search(request, user, body.retrieval.search_request(query, settings.rag_k))
-        passages = rag.fit_passages(
-            [hit.model_dump(mode="json") for hit in hits],
-            messages,
-            await generator_context_tokens(request, settings),
-            max_tokens,
-        )
+            with times.stage("rewrite"):
+                query = await _standalone_query(request, messages, question, settings)
+        with times.stage("retrieve"):
+            hits = await _search(
+                request, user, body.retrieval.search_request(query, settings.rag_k)
+            )
+        with times.stage("prompt"):
+            passages = rag.fit_passages(
+                [hit.model_dump(mode="json") for hit in hits],
+                messages,
+                await generator_context_tokens(request, settings),
+                max_tokens,
+            )
         cited = hits[: len(passages)]  # fit_passages keeps the best hits, in order
-    if body.retrieval.enabled:
-        prompt = rag.build_messages(passages, messages)
-    else:
-        prompt = rag.normalize_messages(messages)  # what every engine's template accepts
-    payload = _generator_payload(body, prompt, max_tokens)
+    with times.stage("prompt"):
+        if body.retrieval.enabled:
+            prompt = rag.build_messages(passages, messages)
+        else:
+            prompt = rag.normalize_messages(messages)  # what every engine's template accepts
+        payload = _generator_payload(body, prompt, max_tokens)
     generator: EngineClient = request.app.state.generator_stream
     if on_sent is not None:
         on_sent()
+    times.point(GENERATOR_SENT)
     try:
-        resp = await asyncio.wait_for(
-            generator.post("/v1/chat/completions", payload), settings.generator_timeout_s
-        )
+        with times.stage("generator_wait"):  # to its response headers
+            resp = await asyncio.wait_for(
+                generator.post("/v1/chat/completions", payload), settings.generator_timeout_s
+            )
     except (EngineUnavailable, TimeoutError) as exc:
         raise unavailable("generator") from exc
     return resp, Citation.of_hits(cited)
@@ -276,7 +326,8 @@ async def generator_context_tokens(request: Request, settings: GatewaySettings) 
 async def _search(request: Request, user: Principal, search: SearchRequest) -> list[SearchHit]:
     """The retriever's hits for search, under the caller's tenant."""
     retriever: RetrieverClient = request.app.state.retriever
-    hits = await retriever.search(user.sub, search.model_dump(mode="json"))
+    hits, stages = await retriever.search(user.sub, search.model_dump(mode="json"))
+    stage_times(request).update(stages)
     try:
         return [SearchHit.model_validate(hit) for hit in hits]
     except ValidationError as exc:
@@ -327,6 +378,7 @@ async def _stream_once_started(
     starting: asyncio.Task[tuple[EngineResponse, list[Citation]]],
     settings: GatewaySettings,
     on_first_event: Callable[[], None],
+    times: StageTimes,
 ) -> AsyncGenerator[bytes, None]:
     """A stream started before the generator answered: comments while it has not, then its
     answer, or an error event and [DONE] if it refused or failed."""
@@ -349,7 +401,12 @@ async def _stream_once_started(
         yield DONE
         return
     answer = _stream_with_citations(
-        resp, cites, settings.sse_keepalive_s, settings.generator_timeout_s, on_first_event
+        resp,
+        cites,
+        settings.sse_keepalive_s,
+        settings.generator_timeout_s,
+        on_first_event,
+        times,
     )
     async with aclosing(answer):
         async for event in answer:
@@ -396,13 +453,16 @@ async def _stream_with_citations(
     keepalive_s: float,
     idle_timeout_s: float,
     on_first_event: Callable[[], None],
+    times: StageTimes,
 ) -> AsyncGenerator[bytes, None]:
-    """Relay the generator's SSE events; the last event before [DONE] carries the citations.
+    """Relay the generator's SSE events; the last event before [DONE] carries the citations
+    and where the time went (`server_timing`: milliseconds per stage, ttft and total).
     While the generator is silent (retrieval done, prompt still prefilling), SSE comments
     keep proxies and clients from timing the stream out. If the generator fails or stalls
     mid-stream, an error event (OpenAI's shape) ends the stream instead of a cut."""
     completion_id, model, created = f"chatcmpl-{uuid.uuid4().hex}", "", int(time.time())
     first = True
+    content_seen = False
     try:
         async for line in _sse_lines(resp, keepalive_s, idle_timeout_s):
             if line is None:
@@ -413,11 +473,11 @@ async def _stream_with_citations(
             data = line[5:].strip()
             if data == b"[DONE]":
                 break
-            # Relay events as they are; parse only the first (for id and model) and the one
-            # with the engine's timings (dropped).
+            # Relay events as they are; parse only those up to the first token (id, model,
+            # time to first token) and the one with the engine's timings (dropped).
             if first:
                 on_first_event()
-            if first or b'"timings"' in data:
+            if not content_seen or b'"timings"' in data:
                 try:
                     event = json.loads(data)
                 except ValueError:
@@ -425,7 +485,14 @@ async def _stream_with_citations(
                 completion_id = event.get("id", completion_id)
                 model = event.get("model", model)
                 first = False
-                if event.pop("timings", None) is not None:
+                if not content_seen and _has_content(event):
+                    content_seen = True
+                    times.since("first_token", GENERATOR_SENT)
+                    times.ms["first_token"] -= times.ms.get("generator_wait", 0.0)
+                    times.mark("ttft")
+                engine_timings = event.pop("timings", None)
+                if engine_timings is not None:
+                    _engine_prefill(engine_timings, times)
                     data = json.dumps(event).encode()
             yield b"data: " + data + b"\n\n"
     except EngineUnavailable:
@@ -435,6 +502,8 @@ async def _stream_with_citations(
         )
         yield DONE
         return
+    times.mark("total")
+    observe_stages(times)
     final = {
         "id": completion_id,
         "object": "chat.completion.chunk",
@@ -442,6 +511,16 @@ async def _stream_with_citations(
         "model": model,
         "choices": [],
         "citations": citations_json(cites),
+        "server_timing": times.rounded(),
     }
     yield f"data: {json.dumps(final)}\n\n".encode()
     yield DONE
+
+
+def _has_content(event: dict[str, Any]) -> bool:
+    """Whether a streamed event carries answer text (the first token)."""
+    for choice in event.get("choices") or ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict) and delta.get("content"):
+            return True
+    return False

@@ -9,6 +9,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from services.common.errors import APIError
+from services.common.timing import StageTimes
 from services.gateway.auth import CognitoVerifier, Principal, unauthorized
 from services.gateway.settings import GatewaySettings
 from services.gateway.upstream import RetrieverClient
@@ -34,7 +35,9 @@ async def current_user(
     if scheme.lower() != "bearer" or not token.strip():
         raise unauthorized("authorization must be a bearer token")
     verifier: CognitoVerifier = request.app.state.verifier
-    principal = await verifier.verify(token.strip())
+    times = request.state.times = StageTimes()  # the request's Server-Timing stages
+    with times.stage("auth"):
+        principal = await verifier.verify(token.strip())
     settings = request.app.state.settings
     if settings.required_groups and not set(settings.required_groups) & set(principal.groups):
         raise APIError(403, "the token's user is not in a group allowed here", code="forbidden")
@@ -45,8 +48,17 @@ async def current_user(
             code="insufficient_scope",
             headers={"WWW-Authenticate": 'Bearer error="insufficient_scope"'},
         )
-    await request.app.state.limiter.check(principal.sub)
+    with times.stage("limits"):
+        await request.app.state.limiter.check(principal.sub)
     return principal
+
+
+def stage_times(request: Request) -> StageTimes:
+    """The request's stage timings (started when its token was checked)."""
+    times = getattr(request.state, "times", None)
+    if times is None:
+        times = request.state.times = StageTimes()
+    return times
 
 
 def gateway_settings(request: Request) -> GatewaySettings:

@@ -42,6 +42,8 @@ SHARED_LIMITS_ERRORS = Counter(
     "by this task alone, or a release that leaves its lease to expire",
     ["call"],
 )
+MIN_RETRY_AFTER_S = 0.1  # the soonest a shed chat is asked to come back
+WAIT_SMOOTHING = 0.2  # weight of the latest chat in the recent wait for the generator
 RELEASE_TIMEOUT_S = 5.0  # a release is off the request path: it may wait longer than a check
 RELEASE_ATTEMPTS = 2
 SHUTDOWN_WAIT_S = 5.0  # for releases still under way when the task stops
@@ -53,13 +55,17 @@ class SharedLimitsUnavailable(RuntimeError):
     """The shared store did not answer in time, or answered nonsense."""
 
 
+def retry_after(wait_s: float) -> dict[str, str]:
+    """When to come back: Retry-After in whole seconds (HTTP's), and retry-after-ms, which
+    the openai SDKs read first, in milliseconds."""
+    return {
+        "Retry-After": str(max(1, math.ceil(wait_s))),
+        "retry-after-ms": str(max(1, round(wait_s * 1000))),
+    }
+
+
 def rate_limited(wait_s: float) -> APIError:
-    return APIError(
-        429,
-        "rate limit exceeded",
-        code="rate_limited",
-        headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
-    )
+    return APIError(429, "rate limit exceeded", code="rate_limited", headers=retry_after(wait_s))
 
 
 def too_many_streams(max_streams: int) -> APIError:
@@ -67,7 +73,16 @@ def too_many_streams(max_streams: int) -> APIError:
         429,
         f"at most {max_streams} chat completions at once",
         code="too_many_streams",
-        headers={"Retry-After": "1"},
+        headers=retry_after(1.0),
+    )
+
+
+def overloaded(wait_s: float) -> APIError:
+    return APIError(
+        503,
+        "the service is busy answering other chats; retry shortly",
+        code="overloaded",
+        headers=retry_after(wait_s),
     )
 
 
@@ -144,6 +159,9 @@ class RateLimiter:
         self._releases: set[asyncio.Task[None]] = set()
         self._store_down = False
         self.waiting_chats = 0
+        # How long admitted chats have waited for the generator lately (a moving average):
+        # about when a place among them frees up, which a shed chat is told to wait.
+        self.recent_wait_s: float | None = None
 
     async def check(self, user: str) -> None:
         """Take one request's token, or answer 429 saying when the next one comes."""
@@ -209,19 +227,16 @@ class RateLimiter:
         else:
             self._streams.pop(user, None)
 
-    async def admit_chat(self, user: str, max_waiting: int, retry_after_s: int) -> ChatAdmission:
+    async def admit_chat(self, user: str, max_waiting: int, retry_after_s: float) -> ChatAdmission:
         """Take the user's stream slot and a place among the chats waiting for the generator,
-        or answer at once: 429 over the user's own cap, 503 when max_waiting chats wait."""
+        or answer at once: 429 over the user's own cap, 503 when max_waiting chats wait. The
+        503 asks to come back after the recent wait for the generator, at most retry_after_s."""
         lease_id = await self.open_stream(user)
         if self.waiting_chats >= max_waiting:
             self.close_stream(user, lease_id)
             CHATS_SHED.inc()
-            raise APIError(
-                503,
-                "the service is busy answering other chats; retry shortly",
-                code="overloaded",
-                headers={"Retry-After": str(retry_after_s)},
-            )
+            wait_s = retry_after_s if self.recent_wait_s is None else self.recent_wait_s
+            raise overloaded(min(max(wait_s, MIN_RETRY_AFTER_S), retry_after_s))
         self.waiting_chats += 1
         CHATS_WAITING.set(self.waiting_chats)
         return ChatAdmission(self, user, lease_id)
@@ -278,13 +293,20 @@ class ChatAdmission:
     def __init__(self, limiter: RateLimiter, user: str, lease_id: uuid.UUID | None) -> None:
         self._limiter, self._user, self._lease_id = limiter, user, lease_id
         self._waiting = self._open = True
+        self._admitted = time.monotonic()
 
     def answered(self) -> None:
         """The generator began to answer (or never will): the chat no longer waits."""
         if self._waiting:
             self._waiting = False
-            self._limiter.waiting_chats -= 1
-            CHATS_WAITING.set(self._limiter.waiting_chats)
+            limiter = self._limiter
+            limiter.waiting_chats -= 1
+            CHATS_WAITING.set(limiter.waiting_chats)
+            waited = time.monotonic() - self._admitted
+            previous = limiter.recent_wait_s
+            limiter.recent_wait_s = (
+                waited if previous is None else previous + WAIT_SMOOTHING * (waited - previous)
+            )
 
     def release(self) -> None:
         """The chat is over, however it ended: give back its place and the user's slot."""

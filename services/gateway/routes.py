@@ -31,8 +31,9 @@ from services.common.protocol import (
     SearchRequest,
     SearchResponse,
 )
+from services.common.timing import parse_server_timing
 from services.gateway.chat import chat_completion
-from services.gateway.deps import GeneratorHTTP, Retriever, Settings, User
+from services.gateway.deps import GeneratorHTTP, Retriever, Settings, User, stage_times
 from services.gateway.upstream import generator_models, relay, unavailable
 
 UPLOAD_MEDIA_TYPES = ("multipart/form-data", "application/json")
@@ -344,7 +345,12 @@ async def search(
     resp = await retriever.request(
         "POST", "/search", user.sub, content=raw, headers={"Content-Type": "application/json"}
     )
-    return relay(resp)
+    times = stage_times(request)
+    times.update(parse_server_timing(resp.headers.get("server-timing")))
+    times.mark("total")
+    answer = relay(resp)
+    answer.headers["Server-Timing"] = times.header()
+    return answer
 
 
 @router.get(

@@ -51,7 +51,9 @@ class GatewaySettings(InternalAuthSettings):
     # rather than the generator after it. With llama.cpp's 2 local slots, 16 waiting is 8
     # answers deep; a local stack may set 4 to 8.
     max_waiting_chats: int = Field(16, ge=1)
-    overloaded_retry_after_s: int = Field(2, ge=1)  # Retry-After of that 503
+    # That 503 asks the client to come back after the time admitted chats have lately waited
+    # for the generator (retry-after-ms; Retry-After in whole seconds), at most this long.
+    overloaded_retry_after_s: float = Field(2.0, gt=0)
 
     # Dependencies whose failure /readyz reports as `degraded` but still answers 200: the AWS
     # deployment names the generator, which may be scaled to zero on a schedule, so the load

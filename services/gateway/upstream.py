@@ -17,8 +17,12 @@ from services.common.protocol import (
     StreamLeaseRequest,
     StreamLeaseResult,
 )
+from services.common.timing import parse_server_timing
 
 logger = logging.getLogger(__name__)
+
+# The retriever's search stages a chat reports: the query's embedding, each ranking, reranking.
+RETRIEVER_STAGES = ("embed", "vector", "text", "rerank")
 
 
 def unavailable(service: str) -> APIError:
@@ -26,7 +30,7 @@ def unavailable(service: str) -> APIError:
         503,
         f"the {service} is unavailable",
         code=f"{service}_unavailable",
-        headers={"Retry-After": "5"},
+        headers={"Retry-After": "5", "retry-after-ms": "5000"},
     )
 
 
@@ -121,9 +125,15 @@ class RetrieverClient:
             )
         return resp
 
-    async def search(self, tenant: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    async def search(
+        self, tenant: str, body: dict[str, Any]
+    ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """The hits, and the retriever's own stages (its Server-Timing, milliseconds)."""
         resp = await self.request("POST", "/search", tenant, json=body)
-        return list(resp.json()["data"])
+        stages = parse_server_timing(resp.headers.get("server-timing"))
+        return list(resp.json()["data"]), {
+            name: ms for name, ms in stages.items() if name in RETRIEVER_STAGES
+        }
 
     # Per-user limits kept in the retriever's database (services/retriever/limits.py).
 

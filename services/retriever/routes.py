@@ -24,6 +24,7 @@ from services.common.protocol import (
     SearchRequest,
     SearchResponse,
 )
+from services.common.timing import StageTimes
 from services.retriever.deps import Embedder, IngestorDep, Settings, StoreDep, Tenant
 from services.retriever.embedder_client import EmbedderUnavailable
 from services.retriever.ingest import content_hash
@@ -167,6 +168,7 @@ async def delete_document(doc_id: uuid.UUID, user_id: Tenant, db: StoreDep) -> R
 @router.post("/search", response_model=SearchResponse, responses=ERROR_RESPONSES)
 async def search(
     request: Request,
+    response: Response,
     body: SearchRequest,
     user_id: Tenant,
     db: StoreDep,
@@ -180,10 +182,13 @@ async def search(
     # With the optional reranking stage, the first stage finds its depth of candidates.
     k = reranker.candidates(body.k) if reranker is not None else body.k
     fused_k = max(k, settings.fusion_depth)
+    # Where the time goes, for the caller's Server-Timing (hybrid: embed and text overlap).
+    times = StageTimes()
 
     async def by_vector() -> list[dict[str, Any]]:
         try:
-            vector = (await embedder.embed([body.query], "query"))[0]
+            with times.stage("embed"):
+                vector = (await embedder.embed([body.query], "query"))[0]
         except EmbedderUnavailable as exc:
             raise APIError(
                 503,
@@ -192,11 +197,13 @@ async def search(
                 headers={"Retry-After": "5"},
             ) from exc
         pool_k = k if body.mode == "vector" else fused_k
-        return await db.vector_search(user_id, vector, pool_k, *filters)
+        with times.stage("vector"):
+            return await db.vector_search(user_id, vector, pool_k, *filters)
 
     async def by_text() -> list[dict[str, Any]]:
         pool_k = k if body.mode == "text" else fused_k
-        return await db.text_search(user_id, body.query, pool_k, *filters)
+        with times.stage("text"):
+            return await db.text_search(user_id, body.query, pool_k, *filters)
 
     if body.mode == "vector":
         hits = await by_vector()
@@ -216,7 +223,10 @@ async def search(
         else:
             hits = fuse_rankings(rankings, k, rrf_k=settings.rrf_k)
     if reranker is not None:
-        hits = await rerank_hits(reranker, body.query, hits, body.k)
+        with times.stage("rerank"):
+            hits = await rerank_hits(reranker, body.query, hits, body.k)
+    times.mark("total")
+    response.headers["Server-Timing"] = times.header()
     return SearchResponse(data=[SearchHit(**hit) for hit in hits[: body.k]])
 
 
