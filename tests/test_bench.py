@@ -21,8 +21,9 @@ import pytest
 
 from ragctl.bench import ChatSample, format_chat_table, run_summary, step_report
 from ragctl.stack import Stack
+from services.common.errors import APIError
 from services.common.timing import StageTimes, parse_server_timing, server_timing_header
-from services.gateway.limits import rate_limited, too_many_streams
+from services.gateway.limits import ChatAdmission, RateLimiter, rate_limited, too_many_streams
 
 RAGCTL = str(Path(sys.executable).parent / "ragctl")
 STEP_FIELDS = {
@@ -150,6 +151,63 @@ def test_refusals_say_when_to_come_back_in_seconds_and_in_milliseconds() -> None
     assert limited.headers == {"Retry-After": "1", "retry-after-ms": "250"}
     assert too_many_streams(4).headers == {"Retry-After": "1", "retry-after-ms": "1000"}
     assert rate_limited(61.2).headers == {"Retry-After": "62", "retry-after-ms": "61200"}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_chats_are_shed_once_the_wait_for_the_generator_passes_its_bound() -> None:
+    clock = Clock()
+    limiter = RateLimiter(600, 100, max_streams=100, clock=clock)
+
+    async def admit() -> ChatAdmission:
+        return await limiter.admit_chat("u", max_waiting=16, retry_after_s=2.0, max_wait_s=1.0)
+
+    first = await admit()
+    clock.now += 0.5
+    second = await admit()  # the oldest has waited 0.5 s: room for more
+    clock.now += 0.5
+    with pytest.raises(APIError) as shed:  # the oldest has waited 1 s
+        await admit()
+    assert shed.value.status_code == 503 and shed.value.code == "overloaded"
+    assert shed.value.headers == {"Retry-After": "2", "retry-after-ms": "2000"}  # none began
+    first.answered()  # waited 1.0 s
+    second.answered()  # waited 0.5 s
+    assert limiter.recent_wait_s == pytest.approx(0.9)
+    # Nobody waits: the next chat is admitted whatever the recent waits were.
+    third = await admit()
+    clock.now += 0.2
+    fourth = await admit()  # recent waits are under the bound
+    third.answered()
+    fourth.answered()
+    slow = [await admit() for _ in range(3)]
+    clock.now += 3.0
+    for admission in slow:
+        admission.answered()  # each waited 3 s: the recent wait is past the bound
+    assert limiter.recent_wait_s > 1.0
+    waiting = await admit()  # nobody waits: admitted, and measured
+    with pytest.raises(APIError) as shed:  # someone waits, and lately chats waited long
+        await admit()
+    # come back after about the recent wait (at most GATEWAY_OVERLOADED_RETRY_AFTER_S)
+    assert shed.value.headers["retry-after-ms"] == str(round(1000 * limiter.recent_wait_s))
+    waiting.release()
+    assert limiter.waiting_chats == 0
+
+
+async def test_the_count_of_waiting_chats_still_bounds_a_burst() -> None:
+    limiter = RateLimiter(600, 100, max_streams=100, clock=Clock())
+    admitted = [await limiter.admit_chat("u", 3, 2.0, max_wait_s=1.0) for _ in range(3)]
+    with pytest.raises(APIError):
+        await limiter.admit_chat("u", 3, 2.0, max_wait_s=1.0)
+    for admission in admitted:
+        admission.release()
+        admission.release()  # given back once
+    assert limiter.waiting_chats == 0
 
 
 # On the stack: the breakdown in the stream and headers, and a real load run -----------

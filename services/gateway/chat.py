@@ -101,7 +101,10 @@ async def chat_completion(
     # queue for the generator (503), costs nothing but that answer.
     with stage_times(request).stage("limits"):
         admission = await limiter.admit_chat(
-            user.sub, settings.max_waiting_chats, settings.overloaded_retry_after_s
+            user.sub,
+            settings.max_waiting_chats,
+            settings.overloaded_retry_after_s,
+            settings.max_queue_wait_s,
         )
     if body.stream:
         return await _stream_reply(request, body, user, settings, max_tokens, admission)

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -147,6 +147,7 @@ class RateLimiter:
         max_streams: int,
         max_users: int = 100_000,
         shared: SharedLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.per_minute = per_minute
         self.rate = per_minute / 60.0
@@ -158,9 +159,13 @@ class RateLimiter:
         self._streams: dict[str, int] = {}
         self._releases: set[asyncio.Task[None]] = set()
         self._store_down = False
+        self.clock = clock
         self.waiting_chats = 0
-        # How long admitted chats have waited for the generator lately (a moving average):
-        # about when a place among them frees up, which a shed chat is told to wait.
+        # When each waiting chat was admitted (by admission number), oldest first.
+        self._waiting_since: dict[int, float] = {}
+        self._admissions = 0
+        # How long admitted chats have lately waited for the generator to begin (a moving
+        # average over the chats it began): the queue's delay as clients feel it.
         self.recent_wait_s: float | None = None
 
     async def check(self, user: str) -> None:
@@ -227,19 +232,53 @@ class RateLimiter:
         else:
             self._streams.pop(user, None)
 
-    async def admit_chat(self, user: str, max_waiting: int, retry_after_s: float) -> ChatAdmission:
-        """Take the user's stream slot and a place among the chats waiting for the generator,
-        or answer at once: 429 over the user's own cap, 503 when max_waiting chats wait. The
-        503 asks to come back after the recent wait for the generator, at most retry_after_s."""
-        lease_id = await self.open_stream(user)
+    def queue_too_long(self, max_waiting: int, max_wait_s: float | None) -> bool:
+        """Whether a chat arriving now would wait too long for the generator: max_waiting
+        chats wait already, or some do and either the oldest of them has waited max_wait_s,
+        or chats lately waited longer than that on average. The delay, not the count, is
+        what holds across engines: the same bound suits 2 llama.cpp slots and 16 of vLLM."""
         if self.waiting_chats >= max_waiting:
+            return True
+        if max_wait_s is None or not self._waiting_since:
+            return False  # with nobody waiting, the next chat is the one to measure
+        oldest = next(iter(self._waiting_since.values()))
+        if self.clock() - oldest >= max_wait_s:
+            return True
+        return self.recent_wait_s is not None and self.recent_wait_s > max_wait_s
+
+    async def admit_chat(
+        self,
+        user: str,
+        max_waiting: int,
+        retry_after_s: float,
+        max_wait_s: float | None = None,
+    ) -> ChatAdmission:
+        """Take the user's stream slot and a place among the chats waiting for the generator,
+        or answer at once: 429 over the user's own cap, 503 when the queue is too long (see
+        queue_too_long). The 503 asks to come back after the recent wait, at most
+        retry_after_s."""
+        lease_id = await self.open_stream(user)
+        if self.queue_too_long(max_waiting, max_wait_s):
             self.close_stream(user, lease_id)
             CHATS_SHED.inc()
             wait_s = retry_after_s if self.recent_wait_s is None else self.recent_wait_s
             raise overloaded(min(max(wait_s, MIN_RETRY_AFTER_S), retry_after_s))
         self.waiting_chats += 1
+        self._admissions += 1
+        self._waiting_since[self._admissions] = self.clock()
         CHATS_WAITING.set(self.waiting_chats)
-        return ChatAdmission(self, user, lease_id)
+        return ChatAdmission(self, user, lease_id, self._admissions)
+
+    def _began(self, admission: int) -> None:
+        """A waiting chat is waiting no more: the generator began it, or it ended first."""
+        admitted = self._waiting_since.pop(admission)
+        self.waiting_chats -= 1
+        CHATS_WAITING.set(self.waiting_chats)
+        waited = self.clock() - admitted
+        previous = self.recent_wait_s
+        self.recent_wait_s = (
+            waited if previous is None else previous + WAIT_SMOOTHING * (waited - previous)
+        )
 
     def _release_later(self, user: str, lease_id: uuid.UUID) -> None:
         task = asyncio.get_running_loop().create_task(self._release(user, lease_id))
@@ -290,23 +329,18 @@ class ChatAdmission:
     """One admitted chat: its user's stream slot for as long as it runs, and a place among
     the waiting chats until the generator begins to answer. Each is given back once."""
 
-    def __init__(self, limiter: RateLimiter, user: str, lease_id: uuid.UUID | None) -> None:
+    def __init__(
+        self, limiter: RateLimiter, user: str, lease_id: uuid.UUID | None, number: int
+    ) -> None:
         self._limiter, self._user, self._lease_id = limiter, user, lease_id
+        self._number = number
         self._waiting = self._open = True
-        self._admitted = time.monotonic()
 
     def answered(self) -> None:
         """The generator began to answer (or never will): the chat no longer waits."""
         if self._waiting:
             self._waiting = False
-            limiter = self._limiter
-            limiter.waiting_chats -= 1
-            CHATS_WAITING.set(limiter.waiting_chats)
-            waited = time.monotonic() - self._admitted
-            previous = limiter.recent_wait_s
-            limiter.recent_wait_s = (
-                waited if previous is None else previous + WAIT_SMOOTHING * (waited - previous)
-            )
+            self._limiter._began(self._number)
 
     def release(self) -> None:
         """The chat is over, however it ended: give back its place and the user's slot."""

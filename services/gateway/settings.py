@@ -51,6 +51,12 @@ class GatewaySettings(InternalAuthSettings):
     # rather than the generator after it. With llama.cpp's 2 local slots, 16 waiting is 8
     # answers deep; a local stack may set 4 to 8.
     max_waiting_chats: int = Field(16, ge=1)
+    # The bound that sets where shedding starts, in time: a chat also gets that 503 when
+    # chats wait and the oldest has waited this long for the generator to begin, or chats
+    # lately waited longer on average. An admitted chat's time to first token then stays
+    # within about this much of the unloaded one, on any engine (docs/performance.md).
+    # Empty: the count above alone.
+    max_queue_wait_s: float | None = Field(1.0, gt=0)
     # That 503 asks the client to come back after the time admitted chats have lately waited
     # for the generator (retry-after-ms; Retry-After in whole seconds), at most this long.
     overloaded_retry_after_s: float = Field(2.0, gt=0)
