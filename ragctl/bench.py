@@ -412,7 +412,7 @@ def run_chat_bench(config: ChatBenchConfig, kind: str = "chat") -> tuple[dict[st
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
     with _target(config, users) as (url, tokens, local):
-        report.update(target=url, local_stack=local)
+        report.update(target=url, local_stack=local, stack_env=dict(config.stack_env))
         documents = upload_samples(url, tokens) if config.upload_samples else 0
         report["config"] = {
             "concurrency": steps,
@@ -648,6 +648,7 @@ def cmd_bench_load(args: Any) -> int:
             output_dir=Path(args.output_dir) if args.output_dir else None,
             plots=not args.no_plots,
             show_progress=not args.no_progress,
+            stack_env=dict(item.split("=", 1) for item in args.stack_env if "=" in item),
         )
         report, output = run_chat_bench(config, kind)
     except (BenchError, RuntimeError) as exc:
@@ -806,6 +807,14 @@ def add_bench_parser(sub: Any) -> None:
         )
         load.add_argument(
             "--no-upload", action="store_true", help="do not upload the sample documents first"
+        )
+        load.add_argument(
+            "--stack-env",
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help="a setting of the local stack started for the run (repeatable), e.g. "
+            "GATEWAY_MAX_QUEUE_WAIT_S=0",
         )
         load.add_argument("--no-plots", action="store_true", help="JSON and table only")
         load.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -161,42 +161,80 @@ class Clock:
         return self.now
 
 
-async def test_chats_are_shed_once_the_wait_for_the_generator_passes_its_bound() -> None:
+async def admit(limiter: RateLimiter) -> ChatAdmission:
+    return await limiter.admit_chat("u", max_waiting=16, retry_after_s=2.0, max_wait_s=1.0)
+
+
+async def wait_each(limiter: RateLimiter, clock: Clock, chats: int, seconds: float) -> None:
+    """chats admitted together, each begun after waiting seconds."""
+    admitted = [await admit(limiter) for _ in range(chats)]
+    clock.now += seconds
+    for admission in admitted:
+        admission.answered()
+        admission.release()
+
+
+async def test_a_chat_is_shed_once_the_oldest_waiting_one_is_delayed_past_the_bound() -> None:
     clock = Clock()
     limiter = RateLimiter(600, 100, max_streams=100, clock=clock)
-
-    async def admit() -> ChatAdmission:
-        return await limiter.admit_chat("u", max_waiting=16, retry_after_s=2.0, max_wait_s=1.0)
-
-    first = await admit()
+    first = await admit(limiter)
     clock.now += 0.5
-    second = await admit()  # the oldest has waited 0.5 s: room for more
+    second = await admit(limiter)  # the oldest has waited 0.5 s: room for more
     clock.now += 0.5
     with pytest.raises(APIError) as shed:  # the oldest has waited 1 s
-        await admit()
+        await admit(limiter)
     assert shed.value.status_code == 503 and shed.value.code == "overloaded"
-    assert shed.value.headers == {"Retry-After": "2", "retry-after-ms": "2000"}  # none began
-    first.answered()  # waited 1.0 s
-    second.answered()  # waited 0.5 s
-    assert limiter.recent_wait_s == pytest.approx(0.9)
-    # Nobody waits: the next chat is admitted whatever the recent waits were.
-    third = await admit()
-    clock.now += 0.2
-    fourth = await admit()  # recent waits are under the bound
-    third.answered()
-    fourth.answered()
-    slow = [await admit() for _ in range(3)]
-    clock.now += 3.0
-    for admission in slow:
-        admission.answered()  # each waited 3 s: the recent wait is past the bound
-    assert limiter.recent_wait_s > 1.0
-    waiting = await admit()  # nobody waits: admitted, and measured
-    with pytest.raises(APIError) as shed:  # someone waits, and lately chats waited long
-        await admit()
-    # come back after about the recent wait (at most GATEWAY_OVERLOADED_RETRY_AFTER_S)
-    assert shed.value.headers["retry-after-ms"] == str(round(1000 * limiter.recent_wait_s))
-    waiting.release()
+    # no chat has begun yet: come back after GATEWAY_OVERLOADED_RETRY_AFTER_S
+    assert shed.value.headers == {"Retry-After": "2", "retry-after-ms": "2000"}
+    first.answered()
+    second.answered()
     assert limiter.waiting_chats == 0
+    assert limiter.recent_wait_s == pytest.approx(0.9)  # 1.0, then 0.5 weighed in by a fifth
+    third = await admit(limiter)  # nobody waits: admitted, whatever the recent waits
+    clock.now += 1.5  # 1.0 s past the least recent wait (0.5 s), the wait without a queue
+    with pytest.raises(APIError) as shed:  # asked to come back after about the recent wait
+        await admit(limiter)
+    assert shed.value.headers["retry-after-ms"] == str(round(1000 * limiter.recent_wait_s))
+    third.release()
+
+
+async def test_the_bound_on_waiting_chats_follows_the_queue_delay() -> None:
+    clock = Clock()
+    limiter = RateLimiter(600, 100, max_streams=100, clock=clock)
+    await wait_each(limiter, clock, 1, 0.3)  # no queue: 0.3 s is retrieval and prefill
+    assert limiter.waiting_bound == 16  # never past GATEWAY_MAX_WAITING_CHATS
+    for _ in range(3):
+        await wait_each(limiter, clock, 3, 2.0)  # delayed 1.7 s each by a queue
+    assert limiter.waiting_bound == pytest.approx(16 * 0.8**9)  # cut by a fifth 9 times: 2.15
+    # A burst meets the bound at once: three wait, the fourth is shed.
+    burst = [await admit(limiter) for _ in range(3)]
+    with pytest.raises(APIError):
+        await admit(limiter)
+    clock.now += 0.3
+    expected = 16 * 0.8**9
+    for admission in burst:
+        admission.answered()  # begun without delay: the bound grows again, by 1/bound
+        admission.release()
+        expected += 1 / expected
+    assert limiter.waiting_bound == pytest.approx(expected)  # 3.33
+    for _ in range(200):
+        await wait_each(limiter, clock, 1, 0.3)
+    assert limiter.waiting_bound == 16
+
+
+async def test_a_slow_engine_alone_is_not_a_queue() -> None:
+    """A prefill that always takes 4 s (a long prompt on a CPU) sets the wait without a
+    queue: chats that wait only for it are not shed, however long it is."""
+    clock = Clock()
+    limiter = RateLimiter(600, 100, max_streams=100, clock=clock)
+    for _ in range(20):
+        await wait_each(limiter, clock, 2, 4.0)
+    assert limiter.waiting_bound == 16
+    both = [await admit(limiter), await admit(limiter)]
+    clock.now += 4.5  # the oldest: 0.5 s past the wait without a queue
+    third = await admit(limiter)
+    for admission in (*both, third):
+        admission.release()
 
 
 async def test_the_count_of_waiting_chats_still_bounds_a_burst() -> None:

@@ -104,7 +104,7 @@ async def chat_completion(
             user.sub,
             settings.max_waiting_chats,
             settings.overloaded_retry_after_s,
-            settings.max_queue_wait_s,
+            settings.max_queue_wait_s or None,
         )
     if body.stream:
         return await _stream_reply(request, body, user, settings, max_tokens, admission)

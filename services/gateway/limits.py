@@ -20,6 +20,7 @@ import logging
 import math
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -35,6 +36,10 @@ logger = logging.getLogger(__name__)
 CHATS_WAITING = Gauge(
     "gateway_chats_waiting", "Chats admitted that the generator has not begun to answer"
 )
+WAITING_BOUND = Gauge(
+    "gateway_chats_waiting_bound",
+    "The bound on waiting chats that the recent queue delay sets (GATEWAY_MAX_QUEUE_WAIT_S)",
+)
 CHATS_SHED = Counter("gateway_chats_shed_total", "Chats answered 503 because too many were waiting")
 SHARED_LIMITS_ERRORS = Counter(
     "gateway_shared_limits_errors_total",
@@ -43,6 +48,8 @@ SHARED_LIMITS_ERRORS = Counter(
     ["call"],
 )
 MIN_RETRY_AFTER_S = 0.1  # the soonest a shed chat is asked to come back
+BASELINE_CHATS = 64  # the last chats begun whose least wait is the wait without a queue
+BOUND_DECREASE = 0.8  # the waiting-chats bound's cut after a chat delayed too long
 WAIT_SMOOTHING = 0.2  # weight of the latest chat in the recent wait for the generator
 RELEASE_TIMEOUT_S = 5.0  # a release is off the request path: it may wait longer than a check
 RELEASE_ATTEMPTS = 2
@@ -165,8 +172,18 @@ class RateLimiter:
         self._waiting_since: dict[int, float] = {}
         self._admissions = 0
         # How long admitted chats have lately waited for the generator to begin (a moving
-        # average over the chats it began): the queue's delay as clients feel it.
+        # average over the chats it began): what a shed chat is asked to wait.
         self.recent_wait_s: float | None = None
+        # The waits of the last chats begun: their least is the wait without a queue
+        # (retrieval and prefill), so a wait past it is the queue's delay.
+        self._recent_waits: deque[float] = deque(maxlen=BASELINE_CHATS)
+        # The bound on waiting chats that the queue's delay sets (AIMD, as TCP's window): a
+        # chat begun within max_wait_s of delay raises it by 1/bound, one delayed longer
+        # cuts it by a fifth. It settles where admitted chats are delayed about max_wait_s,
+        # and a burst meets it at once (a count), before the waits have grown.
+        self.waiting_bound: float | None = None
+        self._max_wait_s: float | None = None
+        self._max_waiting = 0
 
     async def check(self, user: str) -> None:
         """Take one request's token, or answer 429 saying when the next one comes."""
@@ -233,18 +250,23 @@ class RateLimiter:
             self._streams.pop(user, None)
 
     def queue_too_long(self, max_waiting: int, max_wait_s: float | None) -> bool:
-        """Whether a chat arriving now would wait too long for the generator: max_waiting
-        chats wait already, or some do and either the oldest of them has waited max_wait_s,
-        or chats lately waited longer than that on average. The delay, not the count, is
-        what holds across engines: the same bound suits 2 llama.cpp slots and 16 of vLLM."""
+        """Whether a chat arriving now would be delayed too long by the chats ahead of it:
+        max_waiting wait already, or (with max_wait_s) as many as the delay-set bound, or
+        the oldest of them is already delayed max_wait_s past the wait without a queue. The
+        delay, not a count, is what holds across engines: the same setting suits llama.cpp's
+        2 slots on a CPU and vLLM's 16 on a GPU."""
         if self.waiting_chats >= max_waiting:
             return True
+        self._max_wait_s, self._max_waiting = max_wait_s, max_waiting
         if max_wait_s is None or not self._waiting_since:
             return False  # with nobody waiting, the next chat is the one to measure
-        oldest = next(iter(self._waiting_since.values()))
-        if self.clock() - oldest >= max_wait_s:
+        if self.waiting_bound is not None and self.waiting_chats >= self.waiting_bound:
             return True
-        return self.recent_wait_s is not None and self.recent_wait_s > max_wait_s
+        oldest = next(iter(self._waiting_since.values()))
+        return self.clock() - oldest - self._unqueued_wait_s() >= max_wait_s
+
+    def _unqueued_wait_s(self) -> float:
+        return min(self._recent_waits, default=0.0)
 
     async def admit_chat(
         self,
@@ -279,6 +301,16 @@ class RateLimiter:
         self.recent_wait_s = (
             waited if previous is None else previous + WAIT_SMOOTHING * (waited - previous)
         )
+        self._recent_waits.append(waited)
+        if self._max_wait_s is None:
+            return
+        bound = self.waiting_bound or float(self._max_waiting)
+        if waited - self._unqueued_wait_s() > self._max_wait_s:
+            bound = max(1.0, bound * BOUND_DECREASE)
+        else:
+            bound = min(float(self._max_waiting), bound + 1.0 / bound)
+        self.waiting_bound = bound
+        WAITING_BOUND.set(bound)
 
     def _release_later(self, user: str, lease_id: uuid.UUID) -> None:
         task = asyncio.get_running_loop().create_task(self._release(user, lease_id))

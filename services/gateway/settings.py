@@ -55,8 +55,8 @@ class GatewaySettings(InternalAuthSettings):
     # chats wait and the oldest has waited this long for the generator to begin, or chats
     # lately waited longer on average. An admitted chat's time to first token then stays
     # within about this much of the unloaded one, on any engine (docs/performance.md).
-    # Empty: the count above alone.
-    max_queue_wait_s: float | None = Field(1.0, gt=0)
+    # 0: the count above alone.
+    max_queue_wait_s: float = Field(1.0, ge=0)
     # That 503 asks the client to come back after the time admitted chats have lately waited
     # for the generator (retry-after-ms; Retry-After in whole seconds), at most this long.
     overloaded_retry_after_s: float = Field(2.0, gt=0)
