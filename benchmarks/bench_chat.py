@@ -21,16 +21,12 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import report  # noqa: E402
+from ragctl.bench import SAMPLE_QUESTIONS  # noqa: E402
 from ragctl.cli import ingest_paths, sample_paths  # noqa: E402
 from ragctl.stack import Ports, Stack  # noqa: E402
 from services.gateway import rag  # noqa: E402
 
-QUESTIONS = [
-    "When is the diesel generator tested at Zephyr Station?",
-    "How often should I clean the Lumen C3 burrs?",
-    "How long does the Blue Comet sourdough bulk ferment?",
-    "Who keeps the medical store key at Zephyr Station?",
-]
+QUESTIONS = SAMPLE_QUESTIONS[:4]
 
 
 def stream(client: httpx.Client, url: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -64,21 +64,11 @@ from locust.runners import STATE_RUNNING, WorkerRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ragctl.bench import SAMPLE_QUESTIONS  # noqa: E402
 from ragctl.cli import DEFAULT_HOME, sample_paths  # noqa: E402
 from ragctl.cognito import LocalPool, password_token  # noqa: E402
 
-QUESTIONS = [
-    "When is the diesel generator tested at Zephyr Station?",
-    "How often should I clean the Lumen C3 burrs?",
-    "How long does the Blue Comet sourdough bulk ferment?",
-    "Who keeps the medical store key at Zephyr Station?",
-    "Which grind setting of the Lumen C3 is for espresso?",
-    "How long is the Lumen C3 warranty if I register it?",
-    "How much water does the Zephyr Station desalination unit produce a day?",
-    "At what temperature is the Blue Comet sourdough baked?",
-    "How much cardamom goes into a batch of Saturn rings?",
-    "Where is the emergency muster point at Zephyr Station?",
-]
+QUESTIONS = SAMPLE_QUESTIONS  # about the bundled samples, which each identity uploads
 SHED = (429, 503)  # the statuses the gateway sheds load with
 RETRY_AFTER_MAX_S = 10.0
 # Cognito access tokens last an hour (deploy/aws and the emulator): sign in again before.

@@ -61,6 +61,9 @@ SAMPLE_QUESTIONS = (
     "How much cardamom goes into a batch of Saturn rings?",
     "How many people staff Zephyr Station through the winter?",
     "What does the Lumen C3 warranty cover?",
+    "How much water does the Zephyr Station desalination unit produce a day?",
+    "At what temperature is the Blue Comet sourdough baked?",
+    "Where is the emergency muster point at Zephyr Station?",
 )
 
 
@@ -450,11 +453,16 @@ async def _timed_step(
     send: Send,
     advance: Callable[[int], Any],
 ) -> tuple[list[ChatSample], float]:
-    """A step, moving the progress bar one tick per second of it."""
+    """A step, moving the progress bar one tick per second of it (all of its ticks by its
+    end, however long the last chats took)."""
+    ticks = int(config.step_s)
+    done = 0
 
     async def ticker() -> None:
-        for _ in range(int(config.step_s)):
+        nonlocal done
+        while done < ticks:
             await asyncio.sleep(1.0)
+            done += 1
             advance(1)
 
     ticking = asyncio.create_task(ticker())
@@ -469,10 +477,9 @@ async def _timed_step(
             timeout_s=config.request_timeout_s,
         )
     finally:
-        if not ticking.done():
-            ticking.cancel()
-            left = int(config.step_s) - 1  # the ticks the step ended before
-            advance(max(0, left))
+        ticking.cancel()
+        if done < ticks:
+            advance(ticks - done)
 
 
 # Output ----------------------------------------------------------------------------------

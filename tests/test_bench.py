@@ -391,3 +391,38 @@ def test_ragctl_bench_refuses_a_url_without_credentials(stack: Stack) -> None:
     )
     assert run.returncode == 1
     assert "--url needs --token" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_ragctl_bench_ingest_times_documents_through_the_api_and_cleans_up(
+    stack: Stack, bench_token: str, tmp_path: Path
+) -> None:
+    headers = {"Authorization": f"Bearer {bench_token}"}
+    before = httpx.get(f"{stack.url('gateway')}/v1/documents/summary", headers=headers).json()
+    run = subprocess.run(
+        [
+            RAGCTL,
+            "bench",
+            "ingest",
+            "--url",
+            stack.url("gateway"),
+            "--token",
+            bench_token,
+            "--documents",
+            "6",
+            "--batch",
+            "4",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads((tmp_path / "ingest.json").read_text())
+    assert result["documents"] == 6 and result["chunks"] >= 6
+    assert 0 < result["upload_s"] <= result["seconds"]
+    assert result["documents_per_s"] == pytest.approx(6 / result["seconds"])
+    assert "documents/s" in run.stdout
+    after = httpx.get(f"{stack.url('gateway')}/v1/documents/summary", headers=headers).json()
+    assert after["total"] == before["total"]  # the run's documents are deleted after it
