@@ -47,9 +47,11 @@ ERROR_DESCRIPTIONS = {
     408: "The request body stopped arriving.",
     413: "The request body is too large.",
     415: "The body's media type is not accepted here.",
-    429: "Over the user's rate or concurrency limit, or the generator is full: see Retry-After.",
+    429: "Over the user's rate or concurrency limit, or the generator is full: see "
+    "retry-after-ms (milliseconds) and Retry-After (seconds).",
     502: "A service behind the gateway failed.",
-    503: "A service behind the gateway is unavailable or overloaded: see Retry-After.",
+    503: "A service behind the gateway is unavailable, or chats already wait too long for "
+    "the generator (`overloaded`): see retry-after-ms and Retry-After.",
 }
 AUTH_ERRORS = (401, 403, 429, 503)
 
@@ -136,6 +138,17 @@ SSE_EVENT_SCHEMA: dict[str, Any] = {
     },
 }
 
+# Where the request's time went (W3C Server-Timing): milliseconds per stage.
+SERVER_TIMING_HEADER: dict[str, Any] = {
+    "Server-Timing": {
+        "description": "Milliseconds per stage, as `name;dur=ms`: auth, limits, the "
+        "retriever's embed, vector, text and rerank; a chat also retrieve, prompt and "
+        "generator_wait (a stream: the stages before its answer began; its last event's "
+        "`server_timing` has them all).",
+        "schema": {"type": "string"},
+    }
+}
+
 router = APIRouter(prefix="/v1")
 
 
@@ -158,6 +171,7 @@ def media_type(content_type: str) -> str:
         200: {
             "description": "The completion; with `stream: true`, server-sent events.",
             "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
+            "headers": SERVER_TIMING_HEADER,
         },
         **error_responses(400, 408, 413, 502),
     },
@@ -334,7 +348,10 @@ async def delete_document(doc_id: uuid.UUID, user: User, retriever: Retriever) -
     "/search",
     summary="Search the caller's documents",
     response_model=SearchResponse,
-    responses=error_responses(400, 408, 413, 502),
+    responses={
+        200: {"description": "The best chunks, best first.", "headers": SERVER_TIMING_HEADER},
+        **error_responses(400, 408, 413, 502),
+    },
     openapi_extra=json_body(SearchRequest),
 )
 async def search(
