@@ -208,8 +208,10 @@ def _error_of(resp: httpx.Response) -> str:
 def _retry_after_ms(headers: httpx.Headers) -> float | None:
     """The wait a refusal asks for: retry-after-ms, else Retry-After in seconds."""
     for name, scale in (("retry-after-ms", 1.0), ("retry-after", 1000.0)):
-        with contextlib.suppress(TypeError, ValueError):
-            return float(headers[name]) * scale
+        value = headers.get(name)
+        if value is not None:
+            with contextlib.suppress(ValueError):
+                return float(value) * scale
     return None
 
 
@@ -310,7 +312,8 @@ def run_summary(steps: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if not served:
         return {"unloaded_ttft_p50_s": None, "peak_output_tokens_per_s": 0.0}
     first, last = served[0], served[-1]
-    peak = max(served, key=lambda s: s["output_tokens_per_s"])
+    # the step that served most: by output tokens (chat), by requests (search)
+    peak = max(served, key=lambda s: (s["output_tokens_per_s"], s["requests_per_s"]))
     shedding = [s["concurrency"] for s in steps if s["rate_limited"] + s["overloaded"] > 0]
     growth = {
         name: last["stages_ms"][name]["p50"] - first["stages_ms"].get(name, {"p50": 0.0})["p50"]
@@ -425,7 +428,7 @@ def run_chat_bench(config: ChatBenchConfig, kind: str = "chat") -> tuple[dict[st
             "questions": len(config.questions),
             "sample_documents_per_user": documents,
         }
-        total_ticks = int(sum(config.step_s for _ in steps))
+        total_ticks = int(config.step_s) * len(steps)
         bar = progress_bar(total_ticks, f"{kind} load", config.show_progress)
         results = []
         try:
@@ -552,10 +555,16 @@ def plot_chat(report: dict[str, Any], output: Path, kind: str = "chat") -> list[
         (itl, "itl_s", "inter-token latency"),
         (e2e, "e2e_s", "end-to-end latency"),
     ):
-        for q in ("p50", "p95", "p99"):
-            axis.plot(x, series(key, q), marker="o", label=q)
-        axis.set(title=title, xlabel="concurrent chats", ylabel="ms", xscale="log", yscale="log")
+        axis.set(title=title, xlabel="concurrent clients", ylabel="ms", xscale="log")
         axis.set_xticks(x, [str(c) for c in x])
+        lines = {q: series(key, q) for q in ("p50", "p95", "p99")}
+        if not any(math.isfinite(v) for values in lines.values() for v in values):
+            # nothing measured (a search has no tokens; every chat refused)
+            axis.text(0.5, 0.5, "not measured", ha="center", transform=axis.transAxes)
+            continue
+        for q, values in lines.items():
+            axis.plot(x, values, marker="o", label=q)
+        axis.set_yscale("log")
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
     fig.suptitle(f"{report['kind']}: {report['target']}")
@@ -567,14 +576,18 @@ def plot_chat(report: dict[str, Any], output: Path, kind: str = "chat") -> list[
 
     fig, (rate, shed) = plt.subplots(1, 2, figsize=(11, 4.5))
     rate.plot(x, [s["output_tokens_per_s"] for s in steps], marker="o", label="output tokens/s")
-    rate.set(title="throughput", xlabel="concurrent chats", ylabel="output tokens/s")
+    rate.set(title="throughput", xlabel="concurrent clients", ylabel="output tokens/s")
     rate.set_xscale("log")
     rate.set_xticks(x, [str(c) for c in x])
     requests = rate.twinx()
     requests.plot(
-        x, [s["requests_per_s"] for s in steps], marker="s", color="tab:orange", label="chats/s"
+        x,
+        [s["requests_per_s"] for s in steps],
+        marker="s",
+        color="tab:orange",
+        label="answered/s",
     )
-    requests.set_ylabel("chats/s")
+    requests.set_ylabel("answered requests/s")
     rate.legend(loc="upper left")
     requests.legend(loc="lower right")
     rate.grid(True, alpha=0.3)
@@ -584,7 +597,7 @@ def plot_chat(report: dict[str, Any], output: Path, kind: str = "chat") -> list[
         color="tab:red",
         label="429 + 503",
     )
-    shed.set(title="refused (shed) chats", xlabel="concurrent chats", ylabel="% of chats")
+    shed.set(title="refused (429, 503)", xlabel="concurrent clients", ylabel="% of requests")
     shed.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     path = output / f"{kind}-throughput.png"
@@ -629,7 +642,10 @@ def tokens_from_args(args: Any) -> list[str]:
             )
         region = args.region or os.environ.get("AWS_REGION") or "us-east-1"
         for username, password in zip(args.username, passwords, strict=True):
-            tokens.append(password_token(region, args.cognito_client_id, username, password))
+            try:
+                tokens.append(password_token(region, args.cognito_client_id, username, password))
+            except Exception as exc:  # botocore's errors: a wrong password, no such client
+                raise BenchError(f"signing in {username} to Cognito failed: {exc}") from exc
     return tokens
 
 
@@ -658,7 +674,7 @@ def cmd_bench_load(args: Any) -> int:
             stack_env=dict(item.split("=", 1) for item in args.stack_env if "=" in item),
         )
         report, output = run_chat_bench(config, kind)
-    except (BenchError, RuntimeError) as exc:
+    except (BenchError, RuntimeError, OSError, ValueError, KeyError, httpx.HTTPError) as exc:
         print(f"bench failed: {exc}", file=sys.stderr)
         return 1
     print(format_chat_table(report))
@@ -731,42 +747,68 @@ def ingest_through_api(url: str, token: str, documents: int, batch: int) -> dict
         for n in range(documents)
     ]
     headers = {"Authorization": f"Bearer {token}"}
+    tag = json.dumps({"bench": run})
     with httpx.Client(base_url=url, timeout=120.0, headers=headers) as client:
         started = time.perf_counter()
         ids: list[str] = []
         for first in range(0, len(bodies), batch):
-            resp = client.post(
-                "/v1/documents/batch", json={"documents": bodies[first : first + batch]}
+            resp = _call(
+                client,
+                "POST",
+                "/v1/documents/batch",
+                202,
+                json={"documents": bodies[first : first + batch]},
             )
-            if resp.status_code not in (200, 202):
-                raise BenchError(f"a batch upload failed: {_error_of(resp)}")
             ids += [doc["id"] for doc in resp.json()["data"]]
         uploaded_s = time.perf_counter() - started
-        pending = set(ids)
-        chunks = 0
+        # One call a poll, for all of them (a deployment allows a user 120 calls a minute).
         deadline = time.monotonic() + 3600
-        while pending and time.monotonic() < deadline:
-            for doc_id in list(pending):
-                doc = client.get(f"/v1/documents/{doc_id}").json()
-                if doc.get("status") in ("ready", "failed"):
-                    pending.discard(doc_id)
-                    chunks += int(doc.get("chunk_count") or 0)
+        while True:
+            counts = _call(client, "GET", "/v1/documents/summary", params={"metadata": tag})
+            waiting = counts.json()["pending"] + counts.json()["processing"]
+            if not waiting:
+                break
+            if time.monotonic() > deadline:
+                raise BenchError(f"{waiting} documents were not ready within an hour")
             time.sleep(0.5)
         seconds = time.perf_counter() - started
+        chunks, failed = 0, counts.json()["failed"]
+        cursor: str | None = None
+        while True:  # the chunk counts, a page at a time
+            params = {"metadata": tag, "limit": 100, **({"cursor": cursor} if cursor else {})}
+            page = _call(client, "GET", "/v1/documents", params=params).json()
+            chunks += sum(int(doc.get("chunk_count") or 0) for doc in page["data"])
+            cursor = page.get("next_cursor")
+            if not cursor:
+                break
         for doc_id in ids:
-            client.delete(f"/v1/documents/{doc_id}")
-    if pending:
-        raise BenchError(f"{len(pending)} documents were not ready within an hour")
+            _call(client, "DELETE", f"/v1/documents/{doc_id}", 204)
     return {
         "kind": "ingest",
         "target": url,
         "documents": len(ids),
+        "failed": failed,
         "chunks": chunks,
         "upload_s": uploaded_s,
         "seconds": seconds,
         "documents_per_s": len(ids) / seconds,
         "chunks_per_s": chunks / seconds,
     }
+
+
+def _call(
+    client: httpx.Client, method: str, path: str, ok: int = 200, **kwargs: Any
+) -> httpx.Response:
+    """One call to the gateway; a 429 or 503 is waited out as its retry-after says (a few
+    times), anything else but `ok` (or 200) stops the run with the gateway's message."""
+    for _ in range(20):
+        resp = client.request(method, path, **kwargs)
+        if resp.status_code not in SHED_STATUSES:
+            break
+        time.sleep(min((_retry_after_ms(resp.headers) or 1000.0) / 1000.0, 30.0))
+    if resp.status_code not in (ok, 200):
+        raise BenchError(f"{method} {path} failed: {_error_of(resp)}")
+    return resp
 
 
 def _add_target_args(parser: Any) -> None:

@@ -19,7 +19,14 @@ from typing import Any
 import httpx
 import pytest
 
-from ragctl.bench import ChatSample, format_chat_table, run_summary, step_report
+from ragctl.bench import (
+    ChatSample,
+    _retry_after_ms,
+    format_chat_table,
+    plot_chat,
+    run_summary,
+    step_report,
+)
 from ragctl.stack import Stack
 from services.common.errors import APIError
 from services.common.timing import StageTimes, parse_server_timing, server_timing_header
@@ -146,6 +153,23 @@ def test_the_summary_names_where_shedding_starts_and_the_stage_that_grew() -> No
     assert "generator_wait" in table and "shedding from concurrency 8" in table
 
 
+def test_a_run_that_measured_no_tokens_still_gets_its_report_and_plots(tmp_path: Path) -> None:
+    refused = [sample(status=503, error="503 overloaded", e2e=0.01) for _ in range(3)]
+    steps = [step_report(c, refused, 1.0) for c in (1, 2)]
+    report = {"kind": "chat", "target": "t", "steps": steps, "summary": run_summary(steps)}
+    assert report["summary"]["unloaded_ttft_p50_s"] is None
+    assert "shed50" in format_chat_table(report)
+    written = plot_chat(report, tmp_path)
+    assert [path.name for path in written] == ["chat-latency.png", "chat-throughput.png"]
+
+
+def test_the_wait_a_refusal_asks_for_is_read_in_milliseconds_or_seconds() -> None:
+    assert _retry_after_ms(httpx.Headers({"retry-after-ms": "250", "retry-after": "1"})) == 250
+    assert _retry_after_ms(httpx.Headers({"retry-after": "2"})) == 2000  # a proxy's, an engine's
+    assert _retry_after_ms(httpx.Headers({"retry-after": "Wed, 21 Oct 2026 07:28:00 GMT"})) is None
+    assert _retry_after_ms(httpx.Headers()) is None
+
+
 def test_refusals_say_when_to_come_back_in_seconds_and_in_milliseconds() -> None:
     limited = rate_limited(0.25)
     assert limited.headers == {"Retry-After": "1", "retry-after-ms": "250"}
@@ -203,8 +227,10 @@ async def test_the_bound_on_waiting_chats_follows_the_queue_delay() -> None:
     limiter = RateLimiter(600, 100, max_streams=100, clock=clock)
     await wait_each(limiter, clock, 1, 0.3)  # no queue: 0.3 s is retrieval and prefill
     assert limiter.waiting_bound == 16  # never past GATEWAY_MAX_WAITING_CHATS
-    for _ in range(3):
-        await wait_each(limiter, clock, 3, 2.0)  # delayed 1.7 s each by a queue
+    await wait_each(limiter, clock, 3, 2.0)  # three delayed 1.7 s by the same queue
+    assert limiter.waiting_bound == pytest.approx(16 * 0.8)  # cut once for that round
+    for _ in range(8):
+        await wait_each(limiter, clock, 1, 2.0)  # a round each
     assert limiter.waiting_bound == pytest.approx(16 * 0.8**9)  # cut by a fifth 9 times: 2.15
     # A burst meets the bound at once: three wait, the fourth is shed.
     burst = [await admit(limiter) for _ in range(3)]
@@ -220,6 +246,24 @@ async def test_the_bound_on_waiting_chats_follows_the_queue_delay() -> None:
     for _ in range(200):
         await wait_each(limiter, clock, 1, 0.3)
     assert limiter.waiting_bound == 16
+
+
+async def test_only_chats_the_generator_began_count_towards_the_bound() -> None:
+    """A chat not streamed is handed over after retrieval, and a chat that fails or whose
+    client leaves never reaches the engine: their short waits are not the wait without a
+    queue, so the streamed chats' long prefills are not taken for a queue."""
+    clock = Clock()
+    limiter = RateLimiter(600, 100, max_streams=100, clock=clock)
+    plain = await admit(limiter)
+    gone = await admit(limiter)
+    clock.now += 0.05
+    plain.sent()
+    gone.release()
+    plain.release()
+    for _ in range(5):
+        await wait_each(limiter, clock, 1, 2.0)  # streamed: 2 s of prefill each, no queue
+    assert limiter.waiting_bound == 16
+    assert limiter.waiting_chats == 0 and not limiter._waiting_since
 
 
 async def test_a_slow_engine_alone_is_not_a_queue() -> None:
@@ -367,7 +411,6 @@ def test_ragctl_bench_search_loads_a_deployment_through_the_api(
             "--step-seconds",
             "2",
             "--no-upload",
-            "--no-plots",
             "--output-dir",
             str(tmp_path),
             "--no-progress",
@@ -380,6 +423,8 @@ def test_ragctl_bench_search_loads_a_deployment_through_the_api(
     step = json.loads((tmp_path / "search.json").read_text())["steps"][0]
     assert step["ok"] > 0 and step["errors"] == 0 and step["ttft_s"] is None
     assert step["e2e_s"]["p50"] > 0 and {"embed", "vector", "text"} <= step["stages_ms"].keys()
+    for name in ("search-latency.png", "search-throughput.png"):  # TTFT and ITL: not measured
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_ragctl_bench_refuses_a_url_without_credentials(stack: Stack) -> None:

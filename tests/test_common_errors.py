@@ -41,8 +41,8 @@ def test_an_engines_error_answers_as_the_generator_always_has(
         assert error.message == want_message
     if status >= 500:  # the engine's internals stay inside
         assert error.message == "the inference engine failed"
-    if status == 429:
-        assert error.headers == {"Retry-After": "1"}
+    if status == 429:  # in seconds and, for the openai SDKs, in milliseconds
+        assert error.headers == {"Retry-After": "1", "retry-after-ms": "1000"}
 
 
 def test_an_engines_message_is_passed_on_but_capped() -> None:
@@ -74,10 +74,9 @@ def test_a_services_error_answers_as_the_gateway_always_has(
         want = (503, "embedder_unavailable", None)
         assert error.message == "the embedder is down"
     assert (error.status_code, error.code, error.param) == want
-    if status == 429:
-        assert error.headers == {"Retry-After": retry_after or "1"}
-    if status == 503:
-        assert error.headers == {"Retry-After": retry_after or "5"}
+    if status in (429, 503):  # the upstream's wait, else 1 s (429) or 5 s (503), both ways
+        seconds = retry_after or ("1" if status == 429 else "5")
+        assert error.headers == {"Retry-After": seconds, "retry-after-ms": f"{seconds}000"}
     if status in (401, 403) or status >= 500 and status != 503:
         assert error.message == "the retriever failed"
 

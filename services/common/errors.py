@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -34,6 +35,24 @@ _TYPES = {
     503: "service_unavailable",
     504: "timeout_error",
 }
+
+
+def retry_after_headers(wait_s: float) -> dict[str, str]:
+    """When to come back: Retry-After in whole seconds (HTTP's), and retry-after-ms, which
+    the openai SDKs read first, in milliseconds."""
+    return {
+        "Retry-After": str(max(1, math.ceil(wait_s))),
+        "retry-after-ms": str(max(1, round(wait_s * 1000))),
+    }
+
+
+def _seconds(value: str | None, default: float) -> float:
+    """An upstream's Retry-After (seconds), or default when absent or not a number."""
+    try:
+        seconds = float(value) if value is not None else default
+    except ValueError:
+        return default
+    return seconds if math.isfinite(seconds) and seconds >= 0 else default
 
 
 def error_type(status_code: int) -> str:
@@ -178,14 +197,17 @@ def upstream_error(
             503,
             message,
             code=code or f"{prefix}_unavailable",
-            headers={"Retry-After": retry_after or "5"},
+            headers=retry_after_headers(_seconds(retry_after, 5.0)),
         )
     if status in (401, 403) and peer == "service":  # our credentials, not the caller's
         logger.error("the %s refused our service credentials", service)
         return failed
     if status == 429:
         return APIError(
-            429, message, code=code or "overloaded", headers={"Retry-After": retry_after or "1"}
+            429,
+            message,
+            code=code or "overloaded",
+            headers=retry_after_headers(_seconds(retry_after, 1.0)),
         )
     if status >= 500:
         return failed

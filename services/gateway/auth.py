@@ -12,7 +12,7 @@ import httpx
 from jose import jwt
 from jose.exceptions import ExpiredSignatureError, JOSEError, JWTClaimsError
 
-from services.common.errors import APIError
+from services.common.errors import APIError, retry_after_headers
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class JwksCache:
             503,
             "the identity provider's keys are unavailable",
             code="jwks_unavailable",
-            headers={"Retry-After": str(retry)},
+            headers=retry_after_headers(retry),
         )
 
 

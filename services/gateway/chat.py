@@ -112,7 +112,7 @@ async def chat_completion(
     # counting as waiting when it is handed to the generator, whose own bound (429) then
     # holds; a stream counts until its first event.
     answering = asyncio.create_task(
-        _complete(request, body, user, settings, max_tokens, admission.answered)
+        _complete(request, body, user, settings, max_tokens, admission.sent)
     )
     try:
         await unless_client_leaves(request, answering, None)
@@ -484,6 +484,9 @@ async def _stream_with_citations(
                 try:
                     event = json.loads(data)
                 except ValueError:
+                    continue
+                if not isinstance(event, dict):
+                    yield b"data: " + data + b"\n\n"
                     continue
                 completion_id = event.get("id", completion_id)
                 model = event.get("model", model)

@@ -27,7 +27,7 @@ from typing import TypeVar
 
 from prometheus_client import Counter, Gauge
 
-from services.common.errors import APIError
+from services.common.errors import APIError, retry_after_headers
 from services.common.protocol import RequestTokenRequest, StreamLeaseRequest
 from services.gateway.upstream import RetrieverClient
 
@@ -62,17 +62,10 @@ class SharedLimitsUnavailable(RuntimeError):
     """The shared store did not answer in time, or answered nonsense."""
 
 
-def retry_after(wait_s: float) -> dict[str, str]:
-    """When to come back: Retry-After in whole seconds (HTTP's), and retry-after-ms, which
-    the openai SDKs read first, in milliseconds."""
-    return {
-        "Retry-After": str(max(1, math.ceil(wait_s))),
-        "retry-after-ms": str(max(1, round(wait_s * 1000))),
-    }
-
-
 def rate_limited(wait_s: float) -> APIError:
-    return APIError(429, "rate limit exceeded", code="rate_limited", headers=retry_after(wait_s))
+    return APIError(
+        429, "rate limit exceeded", code="rate_limited", headers=retry_after_headers(wait_s)
+    )
 
 
 def too_many_streams(max_streams: int) -> APIError:
@@ -80,7 +73,7 @@ def too_many_streams(max_streams: int) -> APIError:
         429,
         f"at most {max_streams} chat completions at once",
         code="too_many_streams",
-        headers=retry_after(1.0),
+        headers=retry_after_headers(1.0),
     )
 
 
@@ -89,7 +82,7 @@ def overloaded(wait_s: float) -> APIError:
         503,
         "the service is busy answering other chats; retry shortly",
         code="overloaded",
-        headers=retry_after(wait_s),
+        headers=retry_after_headers(wait_s),
     )
 
 
@@ -182,6 +175,7 @@ class RateLimiter:
         # cuts it by a fifth. It settles where admitted chats are delayed about max_wait_s,
         # and a burst meets it at once (a count), before the waits have grown.
         self.waiting_bound: float | None = None
+        self._last_cut_at = -math.inf
         self._max_wait_s: float | None = None
         self._max_waiting = 0
 
@@ -291,12 +285,17 @@ class RateLimiter:
         CHATS_WAITING.set(self.waiting_chats)
         return ChatAdmission(self, user, lease_id, self._admissions)
 
-    def _began(self, admission: int) -> None:
-        """A waiting chat is waiting no more: the generator began it, or it ended first."""
+    def _began(self, admission: int, measured: bool) -> None:
+        """A waiting chat is waiting no more. measured: the generator began to answer it,
+        and its wait counts; not measured: it was handed over before the engine's queue (a
+        chat not streamed) or it ended first (refused, failed, its client gone)."""
         admitted = self._waiting_since.pop(admission)
         self.waiting_chats -= 1
         CHATS_WAITING.set(self.waiting_chats)
-        waited = self.clock() - admitted
+        if not measured:
+            return
+        now = self.clock()
+        waited = now - admitted
         previous = self.recent_wait_s
         self.recent_wait_s = (
             waited if previous is None else previous + WAIT_SMOOTHING * (waited - previous)
@@ -306,7 +305,11 @@ class RateLimiter:
             return
         bound = self.waiting_bound or float(self._max_waiting)
         if waited - self._unqueued_wait_s() > self._max_wait_s:
-            bound = max(1.0, bound * BOUND_DECREASE)
+            # Once per round, as TCP halves its window once per round trip: the chats
+            # admitted before the last cut met the queue that cut answered already.
+            if admitted >= self._last_cut_at:
+                bound = max(1.0, bound * BOUND_DECREASE)
+                self._last_cut_at = now
         else:
             bound = min(float(self._max_waiting), bound + 1.0 / bound)
         self.waiting_bound = bound
@@ -369,14 +372,23 @@ class ChatAdmission:
         self._waiting = self._open = True
 
     def answered(self) -> None:
-        """The generator began to answer (or never will): the chat no longer waits."""
+        """The generator began to answer (its first event): the chat no longer waits, and
+        how long it waited counts towards the bound."""
+        self._stop_waiting(measured=True)
+
+    def sent(self) -> None:
+        """A chat not streamed was handed to the generator, whose own bound holds from
+        there: it no longer waits here, and its wait (retrieval alone) does not count."""
+        self._stop_waiting(measured=False)
+
+    def _stop_waiting(self, measured: bool) -> None:
         if self._waiting:
             self._waiting = False
-            self._limiter._began(self._number)
+            self._limiter._began(self._number, measured)
 
     def release(self) -> None:
         """The chat is over, however it ended: give back its place and the user's slot."""
-        self.answered()
+        self._stop_waiting(measured=False)
         if self._open:
             self._open = False
             self._limiter.close_stream(self._user, self._lease_id)

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 from fastapi import Response
 
-from services.common.errors import APIError, upstream_error
+from services.common.errors import APIError, retry_after_headers, upstream_error
 from services.common.protocol import (
     ModelList,
     RequestTokenRequest,
@@ -30,7 +30,7 @@ def unavailable(service: str) -> APIError:
         503,
         f"the {service} is unavailable",
         code=f"{service}_unavailable",
-        headers={"Retry-After": "5", "retry-after-ms": "5000"},
+        headers=retry_after_headers(5.0),
     )
 
 
