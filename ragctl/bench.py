@@ -365,33 +365,21 @@ def _target(config: ChatBenchConfig, users: int) -> Iterator[tuple[str, list[str
 def upload_samples(url: str, tokens: Sequence[str], timeout_s: float = 300.0) -> int:
     """Upload the bundled sample documents as each user (again: answered as duplicates) and
     wait until they are ready; how many documents each user has."""
-    from ragctl.cli import sample_paths
+    from ragctl.cli import sample_paths, upload, wait_ready
 
     paths = sample_paths()
     for token in dict.fromkeys(tokens):  # each distinct user once
         with httpx.Client(
             base_url=url, timeout=60.0, headers={"Authorization": f"Bearer {token}"}
         ) as client:
-            ids = []
-            for path in paths:
-                with path.open("rb") as fh:
-                    resp = client.post(
-                        "/v1/documents",
-                        files={"file": (path.name, fh, "text/markdown")},
-                        data={"title": path.stem.replace("-", " ")},
+            uploaded = [upload(client, path) for path in paths]
+            for doc in uploaded:
+                doc = wait_ready(client, doc["id"], timeout_s)
+                if doc["status"] != "ready":
+                    raise BenchError(
+                        f"the sample document {doc['title']!r} is {doc['status']}: "
+                        f"{doc.get('error') or 'not ready in time'}"
                     )
-                if resp.status_code not in (200, 202):
-                    raise BenchError(f"uploading {path.name} failed: {_error_of(resp)}")
-                ids.append(resp.json()["id"])
-            deadline = time.monotonic() + timeout_s
-            for doc_id in ids:
-                while True:
-                    doc = client.get(f"/v1/documents/{doc_id}").json()
-                    if doc.get("status") == "ready":
-                        break
-                    if doc.get("status") == "failed" or time.monotonic() > deadline:
-                        raise BenchError(f"a sample document did not become ready: {doc}")
-                    time.sleep(0.3)
     return len(paths)
 
 

@@ -49,6 +49,7 @@ REWRITE_MAX_CHARS = 500  # of a rewritten question, kept in front of the questio
 KEEP_ALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
 GENERATOR_SENT = "generator_sent"  # the instant the prompt went to the generator
+GENERATOR_ANSWERED = "generator_answered"  # the instant its response headers came
 
 CHAT_STAGE_SECONDS = Histogram(
     "gateway_chat_stage_seconds",
@@ -293,6 +294,7 @@ async def _start_generation(
             )
     except (EngineUnavailable, TimeoutError) as exc:
         raise unavailable("generator") from exc
+    times.point(GENERATOR_ANSWERED)
     return resp, Citation.of_hits(cited)
 
 
@@ -493,8 +495,7 @@ async def _stream_with_citations(
                 first = False
                 if not content_seen and _has_content(event):
                     content_seen = True
-                    times.since("first_token", GENERATOR_SENT)
-                    times.ms["first_token"] -= times.ms.get("generator_wait", 0.0)
+                    times.since("first_token", GENERATOR_ANSWERED)
                     times.mark("ttft")
                 engine_timings = event.pop("timings", None)
                 if engine_timings is not None:

@@ -251,7 +251,6 @@ class RateLimiter:
         2 slots on a CPU and vLLM's 16 on a GPU."""
         if self.waiting_chats >= max_waiting:
             return True
-        self._max_wait_s, self._max_waiting = max_wait_s, max_waiting
         if max_wait_s is None or not self._waiting_since:
             return False  # with nobody waiting, the next chat is the one to measure
         if self.waiting_bound is not None and self.waiting_chats >= self.waiting_bound:
@@ -274,6 +273,7 @@ class RateLimiter:
         queue_too_long). The 503 asks to come back after the recent wait, at most
         retry_after_s."""
         lease_id = await self.open_stream(user)
+        self._max_wait_s, self._max_waiting = max_wait_s, max_waiting  # for _began's bound
         if self.queue_too_long(max_waiting, max_wait_s):
             self.close_stream(user, lease_id)
             CHATS_SHED.inc()
